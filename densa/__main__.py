@@ -1,0 +1,7 @@
+"""`python -m densa ...` is the same as `densa ...`."""
+
+import sys
+
+from densa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""`densa bench NAME`: micro-benchmarks that measure ratios in one run and write them as flat JSON.
+
+Each benchmark module has `run(quick: bool) -> dict[str, float | ...]`; the key names are documented in
+docs/benchmarks.md. Speed goals are checked here, never in timed unit tests (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "attention": ("densa.bench.attention", "one mixer layer, forward+backward: densa vs full causal attention"),
+    "decode": ("densa.bench.decode", "ms per generated token vs context length: densa, dense, transformers Llama"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=list(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    parser.add_argument("--quick", action="store_true", help="reduced sizes that finish in about a minute")
+    parser.add_argument("--json", metavar="FILE", help="write the measured figures as a flat JSON object")
+
+
+def main(args: argparse.Namespace) -> None:
+    module = importlib.import_module(BENCHES[args.name][0])
+    result = module.run(quick=args.quick)
+    text = json.dumps(result, indent=2) + "\n"
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+        print(f"wrote {args.json}")
+    else:
+        print(text, end="")

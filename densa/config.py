@@ -1,0 +1,238 @@
+"""Model configuration: one typed dataclass, validated at construction, presets as data.
+
+Layering (each step only overrides fields of the one before):
+    preset (PRESETS[name])  ->  recipe YAML (`model:` section)  ->  `--set key=value` on the command line
+
+Field names follow Hugging Face (`hidden_size`, `num_hidden_layers`, ...) so the HF mapping is the identity;
+Mega fields (`ema_dim`, `attn_chunk_size`, `shared_qk_dim`, ...) follow mega.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Mixer = Literal["mega", "attention"]
+Ffn = Literal["swiglu"]
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or preset is invalid. The message names it."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a densa model. Every field is checked in `__post_init__`."""
+
+    # --- shared by every variant ---
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    intermediate_size: int = 704  # SwiGLU hidden width
+    num_attention_heads: int = 4  # dense attention heads; Mega heads (Megalodon-style multi-head)
+    num_key_value_heads: int = 4  # dense baseline only (grouped-query attention)
+    max_position_embeddings: int = 2048  # training context; FLOP counts use it as the default context
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    mixer: Mixer = "mega"  # "mega": EMA + chunked gated attention; "attention": Llama-style full causal SDPA
+    ffn: Ffn = "swiglu"
+
+    # --- Mega sequence mixer (mega.md §2-§4) ---
+    ema_dim: int = 16  # h: EMA state size per channel
+    ema_chunk_size: int = 256  # EMA training path runs in chunks of this length (memory O(d*h*chunk), not d*h*L)
+    attn_chunk_size: int = 256  # c: attention only inside chunks of c tokens
+    shared_qk_dim: int = 64  # z: shared Q/K dimension (all heads together)
+    value_dim: int = 512  # v: value dimension (all heads together); Mega uses 2*hidden
+    # Megalodon refinements (mega.md §4); defaults chosen by the measurement in docs/mixer-options.md
+    complex_ema: bool = False  # CEMA: rotate the EMA state by a learned per-channel phase
+    timestep_norm: bool = False  # causal cumulative group norm before the mixer instead of RMSNorm
+    timestep_norm_groups: int = 16
+    normalized_attention: bool = True  # QK-norm: z / ||z|| per head with learned scale, no 1/sqrt(d)
+    two_hop_residual: bool = False  # FFN residual is the block input, not the mixer output
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "ema_dim",
+                  "ema_chunk_size", "attn_chunk_size", "shared_qk_dim", "value_dim", "timestep_norm_groups")
+        if self.mixer not in typing.get_args(Mixer):
+            raise ConfigError(f"mixer={self.mixer!r}: must be one of {list(typing.get_args(Mixer))}")
+        if self.ffn not in typing.get_args(Ffn):
+            raise ConfigError(f"ffn={self.ffn!r}: must be one of {list(typing.get_args(Ffn))}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta={self.rope_theta}: must be > 0")
+        if not 0 < self.rms_norm_eps < 1:
+            raise ConfigError(f"rms_norm_eps={self.rms_norm_eps}: must be in (0, 1)")
+        if not 0 < self.initializer_range <= 1:
+            raise ConfigError(f"initializer_range={self.initializer_range}: must be in (0, 1]")
+        h = self.num_attention_heads
+        if self.mixer == "attention":
+            if self.hidden_size % h:
+                raise ConfigError(f"hidden_size={self.hidden_size}: must be divisible by num_attention_heads={h}")
+            if (self.hidden_size // h) % 2:
+                raise ConfigError(f"hidden_size/num_attention_heads={self.hidden_size // h}: must be even (RoPE)")
+            if h % self.num_key_value_heads:
+                raise ConfigError(f"num_key_value_heads={self.num_key_value_heads}: must divide "
+                                  f"num_attention_heads={h}")
+        else:
+            for name in ("shared_qk_dim", "value_dim"):
+                if getattr(self, name) % h:
+                    raise ConfigError(f"{name}={getattr(self, name)}: must be divisible by num_attention_heads={h}")
+            if (self.shared_qk_dim // h) % 2:
+                raise ConfigError(f"shared_qk_dim/num_attention_heads={self.shared_qk_dim // h}: must be even (RoPE)")
+            if self.timestep_norm and self.hidden_size % self.timestep_norm_groups:
+                raise ConfigError(f"timestep_norm_groups={self.timestep_norm_groups}: must divide "
+                                  f"hidden_size={self.hidden_size}")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of the dense baseline's attention."""
+        return self.hidden_size // self.num_attention_heads
+
+    # --- serialisation ---
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        _reject_unknown(data)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes` applied (and validated)."""
+        _reject_unknown(changes)
+        return dataclasses.replace(self, **changes)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def _reject_unknown(data: dict[str, Any]) -> None:
+    unknown = sorted(set(data) - set(field_names()))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(field_names())}")
+
+
+def _positive(cfg: ModelConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1:
+            raise ConfigError(f"{name}={value}: must be an integer >= 1")
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    hints = typing.get_type_hints(ModelConfig)
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            continue  # checked against its allowed values in __post_init__
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, f.name, float(value))
+            continue
+        if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+            raise ConfigError(f"{f.name}={value!r}: expected {hint.__name__}, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- presets (data, not code)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tests: < 1M parameters, byte-level vocabulary, small chunks so several chunk boundaries occur
+    "tiny": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=176,
+                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, ema_dim=4,
+                 ema_chunk_size=32, attn_chunk_size=16, shared_qk_dim=32, value_dim=128, timestep_norm_groups=4),
+    # CPU experiments: about 8M parameters
+    "cpu-small": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=6, intermediate_size=704,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, ema_dim=16,
+                      ema_chunk_size=256, attn_chunk_size=256, shared_qk_dim=64, value_dim=512),
+    # CPU experiments: about 30M parameters
+    "cpu-base": dict(vocab_size=16384, hidden_size=448, num_hidden_layers=8, intermediate_size=1216,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, ema_dim=16,
+                     ema_chunk_size=256, attn_chunk_size=256, shared_qk_dim=128, value_dim=896),
+    # GPU scale: about 1B parameters (Megalodon-style proportions; mega.md §4.4 "mega200M" scaled up)
+    "gpu-1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=18, intermediate_size=5632,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192, ema_dim=16,
+                   ema_chunk_size=2048, attn_chunk_size=2048, shared_qk_dim=512, value_dim=4096,
+                   tie_word_embeddings=False),
+}
+
+
+def from_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The preset `name` with `overrides` applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    data = dict(PRESETS[name])
+    _reject_unknown(overrides)
+    data.update(overrides)
+    return ModelConfig(**data)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse `key=value` strings into typed values for ModelConfig fields (an optional `model.` prefix is allowed)."""
+    hints = typing.get_type_hints(ModelConfig)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().removeprefix("model.")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        if key not in hints:
+            raise ConfigError(f"--set {key}: unknown key; valid keys: {', '.join(field_names())}")
+        out[key] = _parse_value(key, raw.strip(), hints[key])
+    return out
+
+
+def _parse_value(key: str, raw: str, hint: Any) -> Any:
+    if typing.get_origin(hint) is Literal:
+        return raw
+    if hint is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--set {key}={raw}: expected a boolean (true/false)")
+    try:
+        return hint(raw)
+    except ValueError:
+        raise ConfigError(f"--set {key}={raw}: expected {hint.__name__}") from None
+
+
+def load_config(preset: str | None = None, recipe: str | Path | None = None,
+                overrides: list[str] | None = None) -> ModelConfig:
+    """Build a config: preset, then the recipe's `model:` section, then `key=value` overrides.
+
+    A recipe may name its own preset (`model: {preset: cpu-small, ...}`); an explicit `preset` argument wins.
+    """
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist")
+        doc = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(doc, dict) or not isinstance(doc.get("model", {}), dict):
+            raise ConfigError(f"recipe {str(path)!r}: expected a mapping with a 'model:' section")
+        data = dict(doc.get("model") or {})
+        preset = preset or data.pop("preset", None)
+        data.pop("preset", None)
+        _reject_unknown(data)
+    data.update(parse_overrides(overrides or []))
+    return from_preset(preset or "cpu-small", **data)
+

@@ -1,0 +1,95 @@
+"""Parameter counts and analytic FLOPs per token.
+
+FLOPs count a multiply-add as 2. Attention FLOPs are the *useful* ones: a causal query at position t attends to
+t+1 keys (or to the keys of its own chunk for Mega), averaged over the positions of a sequence of `context` tokens.
+The EMA is costed as what densa runs: FFT convolution inside chunks (real FFT ≈ 2.5·n·log2 n flops) plus the
+state einsums of the chunked form. Training FLOPs are 3× forward (backward ≈ 2× forward).
+tests/test_counting.py checks these formulas against torch.utils.flop_counter on the tiny preset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from densa.config import ModelConfig
+
+
+@dataclass
+class ParamCounts:
+    total: int  # unique parameters (a tied head is counted once)
+    embedding: int  # token embedding table
+    active: int  # parameters touched per token (== total for dense FFNs; MoE counts only routed experts)
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+
+def count_parameters(model: nn.Module) -> ParamCounts:
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    embedding = model.embed_tokens.weight.numel()
+    inactive = sum(m.inactive_parameters() for m in model.modules() if hasattr(m, "inactive_parameters"))
+    return ParamCounts(total=total, embedding=embedding, active=total - inactive)
+
+
+def mean_keys(context: int, window: int) -> float:
+    """Average number of keys a causal query sees when attention is restricted to chunks of `window` tokens."""
+    full, rest = divmod(context, window)
+    return (full * window * (window + 1) / 2 + rest * (rest + 1) / 2) / context
+
+
+def fft_flops(n: int) -> float:
+    """Real-input FFT of size n: about 2.5·n·log2(n) flops (half of a complex FFT's 5·n·log2 n)."""
+    return 2.5 * n * math.log2(n)
+
+
+@dataclass
+class FlopsPerToken:
+    """Forward FLOPs per token, by part. `total` sums them; `training` is 3× total."""
+
+    linear: float  # projections and FFN (2 × matmul parameters)
+    attention: float  # q·k and probs·v
+    ema_state: float  # chunked-EMA state einsums (what each chunk adds to / reads from the carried state)
+    ema_fft: float  # FFT convolutions inside chunks (not seen by torch's flop counter)
+    lm_head: float
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention + self.ema_state + self.ema_fft + self.lm_head
+
+    @property
+    def training(self) -> float:
+        return 3 * self.total
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total": self.total, "training": self.training}
+
+
+def flops_per_token(cfg: ModelConfig, context: int | None = None) -> FlopsPerToken:
+    """Analytic forward FLOPs per token, averaged over a sequence of `context` tokens (default: the config's
+    max_position_embeddings), batch 1."""
+    T = context or cfg.max_position_embeddings
+    D, L = cfg.hidden_size, cfg.num_hidden_layers
+    ffn = 3 * D * cfg.intermediate_size
+    if cfg.mixer == "attention":
+        d, H, Hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        mixer = D * H * d * 2 + D * Hkv * d * 2
+        attention = 2 * 2 * H * d * mean_keys(T, T)
+        ema_state = ema_fft = 0.0
+    else:
+        Z, V, N = cfg.shared_qk_dim, cfg.value_dim, cfg.ema_dim
+        mixer = D * V + D * (Z + V + D) + V * D
+        attention = 2 * (Z + V) * mean_keys(T, cfg.attn_chunk_size)
+        c = min(cfg.ema_chunk_size, T)
+        n = 1 << (2 * c - 1).bit_length()
+        cplx = 4 if cfg.complex_ema else 1  # a complex multiply-add costs 4 real ones
+        # per token: state in + state out einsums; per sequence: the kernel einsum over (D, N, c) per chunk size
+        ema_state = D * (2 * 2 * N * cplx) + 2 * D * N * c * cplx / T
+        # per chunk of c tokens and channel: rfft(x), pointwise product (n/2+1 complex), irfft; plus rfft(kernel)
+        ema_fft = D * (2 * fft_flops(n) + 6 * (n // 2 + 1)) / c + D * fft_flops(n) / T
+    return FlopsPerToken(linear=L * 2 * (mixer + ffn), attention=L * attention, ema_state=L * ema_state,
+                         ema_fft=L * ema_fft, lm_head=2 * D * cfg.vocab_size)

@@ -1,0 +1,202 @@
+"""Multi-dimensional damped EMA (Mega, arXiv:2209.10655 §3.1) and its complex form (Megalodon CEMA, §3.1).
+
+Per channel j and EMA dimension n (state size N = `ema_dim`):
+    h_t = p ⊙ x_t + q ⊙ h_{t-1}          p = α⊙β (real),  q = 1 − α⊙δ  (CEMA: q = |1 − α⊙δ|·e^{iθ})
+    y_t = Re(Σ_n γ_n h_{t,n})            γ = η / √N  (complex for CEMA)
+Unrolled this is a causal convolution y = K * x with kernel K[t] = Re(Σ_n γ_n p_n q_n^t).
+
+Three paths compute the same thing (tests/test_ema.py checks they agree to 1e-5 in fp32):
+- `ema_reference`: the recurrence as a Python loop over time; the definition.
+- `ema_fft`: the whole-sequence FFT convolution (training, Mega's form). Memory O(D·N·L) for the kernel.
+- `ema_chunked`: FFT convolution inside chunks of length c plus a carried state between chunks (mega.md §7.2).
+  Memory O(D·N·c + B·D·L), so long sequences do not materialise a D×N×L kernel. Also the prefill path: it starts
+  from any state and returns the final state.
+- `ema_step`: one token of the recurrence, for decoding.
+All EMA maths runs in fp32 (complex64 for CEMA) whatever the input dtype (mega.md §7.3).
+
+Shape suffixes: B batch, D channels, N EMA dims, L time, C chunks, c chunk length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class EmaCoeffs:
+    """Coefficients of the recurrence, derived from the parameters once per forward."""
+
+    p_DN: Tensor  # input weight α⊙β (fp32)
+    log_q_DN: Tensor  # log of the decay q (fp32 real, or complex64 for CEMA)
+    gamma_DN: Tensor  # output projection γ (fp32 real, or complex64 for CEMA)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.log_q_DN.dtype
+
+    def powers(self, exponents: Tensor) -> Tensor:
+        """q^e for each exponent: (D, N, len(e)).
+
+        |q^e| is floored at e^-80 (~1e-35): below that fp32 turns subnormal and CPU exp/mul run ~20x slower,
+        while the floor changes no output by more than 1e-35 × |input|."""
+        log = self.log_q_DN[..., None] * exponents.to(self.log_q_DN.dtype)
+        if log.is_complex():
+            return torch.exp(torch.complex(log.real.clamp_min(-80.0), log.imag))
+        return torch.exp(log.clamp_min(-80.0))
+
+
+def ema_kernel(co: EmaCoeffs, length: int, q_pow_DNL: Tensor | None = None) -> Tensor:
+    """K[d, t] = Re(Σ_n γ p q^t) for t < length: (D, L), fp32. `q_pow_DNL` may pass q^t precomputed."""
+    if q_pow_DNL is None:
+        q_pow_DNL = co.powers(torch.arange(length, device=co.p_DN.device, dtype=torch.float32))
+    return torch.einsum("dnl,dn->dl", q_pow_DNL[..., :length], (co.gamma_DN * co.p_DN).to(co.state_dtype)).real
+
+
+def causal_fft_conv(x_BxL: Tensor, k_xL: Tensor) -> Tensor:
+    """y[..., t] = Σ_{s<=t} k[..., t−s] x[..., s] by FFT. FFT size is the next power of two >= 2L (pocketfft and
+    cuFFT are slow on sizes with large prime factors; Megalodon rounds the same way)."""
+    L = x_BxL.shape[-1]
+    n = 1 << (2 * L - 1).bit_length()
+    y = torch.fft.irfft(torch.fft.rfft(x_BxL, n=n) * torch.fft.rfft(k_xL, n=n), n=n)
+    return y[..., :L]
+
+
+def ema_reference(x_BDL: Tensor, co: EmaCoeffs, state_BDN: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The recurrence, one step at a time. Returns (y (B, D, L) fp32, final state (B, D, N))."""
+    B, D, L = x_BDL.shape
+    q_DN = torch.exp(co.log_q_DN)
+    h = state_BDN if state_BDN is not None else x_BDL.new_zeros(B, D, co.p_DN.shape[1], dtype=co.state_dtype)
+    ys = []
+    for t in range(L):
+        h = co.p_DN * x_BDL[:, :, t, None].float() + q_DN * h
+        ys.append((h * co.gamma_DN).sum(-1).real)
+    return torch.stack(ys, dim=-1), h
+
+
+def ema_step(x_BD: Tensor, co: EmaCoeffs, state_BDN: Tensor) -> tuple[Tensor, Tensor]:
+    """One decoding step: h = p x + q h; y = Re(γ·h). Returns (y (B, D) fp32, new state)."""
+    h = co.p_DN * x_BD[..., None].float() + torch.exp(co.log_q_DN) * state_BDN
+    return (h * co.gamma_DN).sum(-1).real, h
+
+
+def ema_fft(x_BDL: Tensor, co: EmaCoeffs) -> Tensor:
+    """Whole-sequence FFT convolution from a zero state. Returns y (B, D, L) fp32."""
+    return causal_fft_conv(x_BDL.float(), ema_kernel(co, x_BDL.shape[-1]))
+
+
+def ema_chunked(x_BDL: Tensor, co: EmaCoeffs, chunk: int,
+                state_BDN: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """FFT convolution inside chunks plus a state carried across chunk boundaries (mega.md §7.2).
+
+    For chunk i with start state S_i:  y_i[t] = (K[:c] * x_i)[t] + Re(Σ_n γ q^{t+1} S_i)
+                                       S_{i+1} = q^c S_i + Σ_t p q^{c−1−t} x_i[t]
+    Returns (y (B, D, L) fp32, state after the last real token (B, D, N)).
+    """
+    B, D, L = x_BDL.shape
+    c = min(chunk, L)
+    pad = (-L) % c
+    x = F.pad(x_BDL.float(), (0, pad))
+    C = x.shape[-1] // c
+    x_BDCc = x.view(B, D, C, c)
+    q_pow_DNc1 = co.powers(torch.arange(c + 1, device=x.device, dtype=torch.float32))  # q^0 .. q^c, computed once
+
+    y_BDCc = causal_fft_conv(x_BDCc, ema_kernel(co, c, q_pow_DNc1)[:, None, :])  # within-chunk, all chunks at once
+
+    # what each chunk adds to the state: U_i = Σ_t p q^{c-1-t} x_i[t]
+    w_in_DNc = co.p_DN[..., None] * q_pow_DNc1[..., :c].flip(-1)
+    U_BDCN = torch.einsum("bdct,dnt->bdcn", x_BDCc.to(co.state_dtype), w_in_DNc)
+    q_c_DN = q_pow_DNc1[..., c]
+    S = state_BDN if state_BDN is not None else x.new_zeros(B, D, co.p_DN.shape[1], dtype=co.state_dtype)
+    starts = []
+    for i in range(C):  # sequential scan over chunk states: C = L/c small steps on (B, D, N) tensors
+        starts.append(S)
+        S = q_c_DN * S + U_BDCN[:, :, i]
+    starts_BDCN = torch.stack(starts, dim=2)
+
+    # what the state at each chunk start adds to that chunk's outputs: Re(Σ_n γ q^{t+1} S_i)
+    w_out_DNc = co.gamma_DN[..., None] * q_pow_DNc1[..., 1:]
+    y_BDCc = y_BDCc + torch.einsum("bdcn,dnt->bdct", starts_BDCN, w_out_DNc).real
+    y = y_BDCc.reshape(B, D, C * c)[..., :L]
+
+    if pad:  # the scan ran over padding zeros at the end; recompute the last state at the true length
+        r = c - pad
+        w_last_DNr = co.p_DN[..., None] * q_pow_DNc1[..., :r].flip(-1)
+        S = q_pow_DNc1[..., r] * starts[-1] + torch.einsum(
+            "bdt,dnt->bdn", x_BDCc[:, :, -1, :r].to(co.state_dtype), w_last_DNr)
+    return y, S
+
+
+class DampedEMA(nn.Module):
+    """Learned multi-dimensional damped EMA over time, with Mega's per-channel skip: out = EMA(x) + ω ⊙ x.
+
+    Parameter names (fairseq and HF swap α/δ; see mega.md §2 table):
+      alpha  (D, N)   α logits, input weight; sigmoid → (0, 1)
+      delta  (D, N)   δ logits, damping;      sigmoid → (0, 1)
+      beta   (D, N)   β expansion (real EMA only; CEMA absorbs it into complex γ)
+      gamma  (D, N)   η projection, or (D, N, 2) real/imag for CEMA
+      omega  (D,)     skip weight ω
+      theta  (D, 1)   CEMA only: base phase logits; θ_{j,k} = sigmoid(theta_j)·2π/N·k
+    """
+
+    def __init__(self, dim: int, ema_dim: int, chunk: int, complex_ema: bool = False) -> None:
+        super().__init__()
+        self.dim, self.ema_dim, self.chunk, self.complex_ema = dim, ema_dim, chunk, complex_ema
+        self.alpha = nn.Parameter(torch.empty(dim, ema_dim))
+        self.delta = nn.Parameter(torch.empty(dim, ema_dim))
+        self.omega = nn.Parameter(torch.empty(dim))
+        if complex_ema:
+            self.gamma = nn.Parameter(torch.empty(dim, ema_dim, 2))
+            self.theta = nn.Parameter(torch.empty(dim, 1))
+        else:
+            self.gamma = nn.Parameter(torch.empty(dim, ema_dim))
+            self.beta = nn.Parameter(torch.empty(dim, ema_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation of MEGA-EMA / MLD-CEMA (mega.md §2, §4.1)."""
+        nn.init.normal_(self.alpha, 0.0, 0.2)
+        nn.init.normal_(self.delta, 0.0, 0.2)
+        nn.init.trunc_normal_(self.omega, 0.0, 0.25, -1.0, 1.0)
+        if self.complex_ema:
+            nn.init.normal_(self.gamma[..., 0], 0.0, 1.0)
+            self.gamma[..., 1].zero_()
+            # log-spaced base frequencies: sigmoid(theta_j) = exp(-k ln D / D) for a random permutation of k
+            k = torch.randperm(self.dim).float() + 1
+            freq = torch.exp(-k * math.log(self.dim) / self.dim).clamp(1e-6, 1 - 1e-6)
+            self.theta.copy_(torch.logit(freq)[:, None])
+        else:
+            nn.init.normal_(self.gamma, 0.0, 1.0)
+            sign = torch.tensor([(-1.0) ** i for i in range(self.ema_dim)])
+            self.beta.copy_(sign + 0.02 * torch.randn(self.dim, self.ema_dim))
+
+    def coeffs(self) -> EmaCoeffs:
+        a, d = torch.sigmoid(self.alpha.float()), torch.sigmoid(self.delta.float())
+        log_q = torch.log1p(-a * d)  # log1p keeps slow decays from rounding to q = 1 (mega.md §7.3)
+        scale = self.ema_dim**-0.5
+        if not self.complex_ema:
+            return EmaCoeffs(p_DN=a * self.beta.float(), log_q_DN=log_q, gamma_DN=self.gamma.float() * scale)
+        k = torch.arange(1, self.ema_dim + 1, device=a.device, dtype=torch.float32)
+        theta_DN = torch.sigmoid(self.theta.float()) * (2 * math.pi / self.ema_dim) * k
+        return EmaCoeffs(p_DN=a, log_q_DN=torch.complex(log_q, theta_DN),
+                         gamma_DN=torch.view_as_complex(self.gamma.float().contiguous()) * scale)
+
+    def new_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
+        dtype = torch.complex64 if self.complex_ema else torch.float32
+        return torch.zeros(batch_size, self.dim, self.ema_dim, dtype=dtype, device=device)
+
+    def forward(self, x_BLD: Tensor, state_BDN: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """EMA over time. Returns (out (B, L, D) in x's dtype, final state (B, D, N))."""
+        co = self.coeffs()
+        if x_BLD.shape[1] == 1 and state_BDN is not None:
+            y_BD, state = ema_step(x_BLD[:, 0], co, state_BDN)
+            y_BLD = y_BD[:, None]
+        else:
+            y_BDL, state = ema_chunked(x_BLD.transpose(1, 2), co, self.chunk, state_BDN)
+            y_BLD = y_BDL.transpose(1, 2)
+        return (y_BLD + self.omega.float() * x_BLD.float()).to(x_BLD.dtype), state

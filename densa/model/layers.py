@@ -1,0 +1,92 @@
+"""Small layers shared by every block: RMSNorm, TimestepNorm, SwiGLU and rotary embeddings.
+
+Shape letters: B batch, T time, D hidden, G norm groups, H heads, d head width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (Llama). Computed in fp32, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+TimestepNormState = tuple[Tensor, Tensor, Tensor]  # (count (B,), sum (B, G), sum of squares (B, G)), fp64
+
+
+class TimestepNorm(nn.Module):
+    """Causal cumulative group norm (Megalodon §3.2): position t is normalised with the mean and variance of its
+    group over positions <= t, so nothing leaks from the future and the statistics carry across chunks and decode
+    steps through `state`.
+
+    Megalodon uses Welford + Kahan sums in fp32 in a CUDA kernel; here the running sums are kept in fp64, which is
+    exact enough for any length we train on and needs no custom kernel. Scales use the "+1" reparameterisation
+    (weight initialised to 0, so weight decay pulls the scale toward 1; MLD-P App. B.2).
+    """
+
+    def __init__(self, dim: int, groups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, state: TimestepNormState | None = None) -> tuple[Tensor, TimestepNormState]:
+        B, T, D = x.shape
+        G = self.groups
+        x_BTGd = x.double().view(B, T, G, D // G)
+        sums_BTG = x_BTGd.sum(-1).cumsum(1)  # (B, T, G) running sum of values in each group
+        sqs_BTG = x_BTGd.pow(2).sum(-1).cumsum(1)
+        count_BT = torch.arange(1, T + 1, device=x.device, dtype=torch.float64).expand(B, T)
+        if state is not None:
+            count0, sum0, sq0 = state
+            sums_BTG = sums_BTG + sum0[:, None]
+            sqs_BTG = sqs_BTG + sq0[:, None]
+            count_BT = count_BT + count0[:, None]
+        n_BT1 = (count_BT * (D // G))[..., None]
+        mean_BTG = sums_BTG / n_BT1
+        var_BTG = (sqs_BTG / n_BT1 - mean_BTG.pow(2)).clamp_min(0)
+        y_BTGd = (x_BTGd - mean_BTG[..., None]) * torch.rsqrt(var_BTG[..., None] + self.eps)
+        y = y_BTGd.view(B, T, D).to(x.dtype) * (self.weight + 1) + self.bias
+        return y, (count_BT[:, -1], sums_BTG[:, -1], sqs_BTG[:, -1])
+
+
+class SwiGLU(nn.Module):
+    """Gated FFN of Llama: down(silu(gate(x)) * up(x)). Names match HF Llama so weights map 1:1."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, rotate-half convention (HF Llama), so imported Llama weights need no permute."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x_BHTd: Tensor, positions_T: Tensor) -> Tensor:
+        freqs_Td2 = positions_T.float()[:, None] * self.inv_freq[None, :]
+        emb_Td = torch.cat([freqs_Td2, freqs_Td2], dim=-1)
+        cos, sin = emb_Td.cos().to(x_BHTd.dtype), emb_Td.sin().to(x_BHTd.dtype)
+        x1, x2 = x_BHTd.chunk(2, dim=-1)
+        return x_BHTd * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -1,0 +1,148 @@
+"""Moving-average gated attention (Mega, arXiv:2209.10655 §3; Megalodon, arXiv:2404.08801 §3), chunked.
+
+Design choices (see docs/architecture.md for the reasons and measurements):
+- EMA: multi-dimensional damped EMA over the whole sequence (real, or Megalodon's complex CEMA by config);
+  it is the only path by which information crosses attention chunks (densa/model/ema.py).
+- Attention: softmax attention *inside* chunks of `attn_chunk_size` tokens only, so cost is O(T·c), linear in T.
+  Any length works: the sequence is right-padded to a multiple of c and trimmed (the fairseq module crashes there,
+  facebookresearch/mega#16). Causal within a chunk.
+- Position: RoPE on q and k with chunk-local positions (Megalodon), not Mega's learned additive bias: an additive
+  bias needs a float mask, which rules out the fused SDPA kernels, while RoPE keeps `is_causal=True` SDPA usable;
+  it is relative, so every chunk sees the same geometry.
+- Multi-head shared Q/K (Megalodon): Z = X'W_z split into heads; q, k = Z ⊙ (κ+1) + μ per head ("+1" scales).
+  `normalized_attention` (default) uses Megalodon's QK-norm: Z / ||Z|| per head, no 1/√d temperature.
+- Output: hx + o_proj(γ ⊙ O) with the reset gate γ = silu(X'W_r), and a plain pre-norm residual in the block:
+  Megalodon dropped Mega's update gate φ and the SiLU on H because they did not help stability at scale (§3.4).
+
+Shape letters: B batch, T new tokens, S keys (cached + new), D hidden, Z shared q/k dim, V value dim, H heads,
+C chunks, c chunk length, z / v per-head widths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densa.config import ModelConfig
+from densa.model.cache import MegaLayerCache
+from densa.model.ema import DampedEMA
+from densa.model.ffn import build_mlp
+from densa.model.layers import RMSNorm, Rotary, TimestepNorm
+
+
+def chunked_attention(q_BHTz: Tensor, k_BHSz: Tensor, v_BHSv: Tensor, chunk: int, scale: float) -> Tensor:
+    """Causal softmax attention restricted to chunks of `chunk` keys.
+
+    k/v hold S >= T positions whose first position starts a chunk; the T queries are the last T of them (S > T when
+    a decode cache holds the head of the current chunk). Returns (B, H, T, v).
+    """
+    B, H, S, _ = k_BHSz.shape
+    T = q_BHTz.shape[2]
+    if T == 1:  # one decoding step: the query sees every cached key of its own chunk, no mask needed
+        start = (S - 1) // chunk * chunk
+        return F.scaled_dot_product_attention(q_BHTz, k_BHSz[:, :, start:], v_BHSv[:, :, start:], scale=scale)
+    c = min(chunk, S)
+    pad = (-S) % c
+    q = F.pad(q_BHTz, (0, 0, S - T, pad))  # dummy queries for cached positions, zero padding to a chunk multiple
+    k, v = F.pad(k_BHSz, (0, 0, 0, pad)), F.pad(v_BHSv, (0, 0, 0, pad))
+    C = (S + pad) // c
+    # (B, H, C*c, ·) -> (B, H*C, c, ·): chunks become extra "heads" of one batched causal SDPA call
+    o = F.scaled_dot_product_attention(q.reshape(B, H * C, c, -1), k.reshape(B, H * C, c, -1),
+                                       v.reshape(B, H * C, c, -1), is_causal=True, scale=scale)
+    return o.view(B, H, C * c, -1)[:, :, S - T : S]
+
+
+def chunked_attention_reference(q_BHTz: Tensor, k_BHTz: Tensor, v_BHTv: Tensor, chunk: int, scale: float) -> Tensor:
+    """The same attention as one masked (T, T) softmax: token i sees j iff j <= i and both lie in one chunk."""
+    T = q_BHTz.shape[2]
+    i = torch.arange(T, device=q_BHTz.device)
+    allowed_TT = (i[None, :] <= i[:, None]) & (i[None, :] // chunk == i[:, None] // chunk)
+    scores = (q_BHTz.float() @ k_BHTz.float().transpose(-1, -2)) * scale
+    probs = scores.masked_fill(~allowed_TT, float("-inf")).softmax(-1)
+    return (probs @ v_BHTv.float()).to(v_BHTv.dtype)
+
+
+class MovingAverageGatedAttention(nn.Module):
+    """The Mega sequence mixer: EMA → shared Z → chunked multi-head attention → reset gate → output projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D, Z, V, H = cfg.hidden_size, cfg.shared_qk_dim, cfg.value_dim, cfg.num_attention_heads
+        self.dims, self.heads, self.chunk = (D, Z, V), H, cfg.attn_chunk_size
+        self.normalized = cfg.normalized_attention
+        self.eps = cfg.rms_norm_eps
+        self.ema = DampedEMA(D, cfg.ema_dim, cfg.ema_chunk_size, complex_ema=cfg.complex_ema)
+        self.v_proj = nn.Linear(D, V)  # values come from X, not X' (Mega §3.2)
+        self.mx_proj = nn.Linear(D, Z + V + D)  # X' → z (shared Q/K), r (reset gate), hx
+        self.qk_scale = nn.Parameter(torch.zeros(2, H, 1, Z // H))  # κ_q, κ_k ("+1" parameterisation)
+        self.qk_bias = nn.Parameter(torch.zeros(2, H, 1, Z // H))  # μ_q, μ_k
+        self.o_proj = nn.Linear(V, D)
+        self.rotary = Rotary(Z // H, cfg.rope_theta)
+
+    def _queries_keys(self, z_BHTz: Tensor) -> tuple[Tensor, Tensor, float]:
+        if self.normalized:  # Megalodon: per-head RMS norm without affine, then /√z, so q·k is a cosine (times κ)
+            z_BHTz = z_BHTz * torch.rsqrt(z_BHTz.pow(2).mean(-1, keepdim=True) + self.eps) / z_BHTz.shape[-1] ** 0.5
+            scale = 1.0
+        else:  # Mega: silu(Z) with the usual 1/√d temperature
+            z_BHTz, scale = F.silu(z_BHTz), z_BHTz.shape[-1] ** -0.5
+        q = z_BHTz * (self.qk_scale[0] + 1) + self.qk_bias[0]
+        k = z_BHTz * (self.qk_scale[1] + 1) + self.qk_bias[1]
+        return q, k, scale
+
+    def forward(self, x_BTD: Tensor, cache: MegaLayerCache | None = None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        D, Z, V = self.dims
+        H = self.heads
+        seen = cache.seen if cache is not None else 0
+
+        mx_BTD, ema_state = self.ema(x_BTD, cache.ema_state if cache is not None else None)
+        mx_BTD = F.silu(mx_BTD)  # X' (Mega: silu(EMA(x) + ω x))
+        v = F.silu(self.v_proj(x_BTD)).view(B, T, H, V // H).transpose(1, 2)  # (B, H, T, v)
+        z, r, hx = self.mx_proj(mx_BTD).split([Z, V, D], dim=-1)
+        q, k, scale = self._queries_keys(z.view(B, T, H, Z // H).transpose(1, 2))  # (B, H, T, z)
+        positions = (seen + torch.arange(T, device=x_BTD.device)) % self.chunk  # chunk-local RoPE positions
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+
+        if cache is not None:
+            if cache.k is not None:
+                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+            keep = (seen + T) % self.chunk  # keys of the chunk still open after these tokens
+            cache.k, cache.v = k[:, :, k.shape[2] - keep :].clone(), v[:, :, v.shape[2] - keep :].clone()
+            cache.ema_state, cache.seen = ema_state, seen + T
+
+        o = chunked_attention(q, k, v, self.chunk, scale)  # (B, H, T, v)
+        o = o.transpose(1, 2).reshape(B, T, V)
+        return hx + self.o_proj(o * F.silu(r))
+
+
+class MegaBlock(nn.Module):
+    """Pre-norm block: x + Mega(norm(x)), then + FFN(norm(·)); optionally Megalodon's two-hop residual, where the
+    FFN's residual is the block input x rather than the mixer output."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D = cfg.hidden_size
+        if cfg.timestep_norm:
+            self.mixer_norm: nn.Module = TimestepNorm(D, cfg.timestep_norm_groups, cfg.rms_norm_eps)
+        else:
+            self.mixer_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.mixer = MovingAverageGatedAttention(cfg)
+        self.mlp_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.mlp = build_mlp(cfg)
+        self.two_hop = cfg.two_hop_residual
+
+    def _normed(self, x: Tensor, cache: MegaLayerCache | None) -> Tensor:
+        if not isinstance(self.mixer_norm, TimestepNorm):
+            return self.mixer_norm(x)
+        h, state = self.mixer_norm(x, cache.norm_state if cache is not None else None)
+        if cache is not None:
+            cache.norm_state = state
+        return h
+
+    def forward(self, x: Tensor, cache: MegaLayerCache | None = None) -> Tensor:
+        y = x + self.mixer(self._normed(x, cache), cache)
+        return (x if self.two_hop else y) + self.mlp(self.mlp_norm(y))
+
+    def new_cache(self) -> MegaLayerCache:
+        return MegaLayerCache()

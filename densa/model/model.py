@@ -1,0 +1,97 @@
+"""DensaModel: embeddings → blocks → RMSNorm → LM head. The block type comes from `ModelConfig.mixer`:
+"mega" (EMA + chunked gated attention, densa/model/mega.py) or "attention" (the Llama-style dense baseline,
+densa/model/attention.py). Both share embeddings, head, loss, cache API and generation, so comparisons are like
+for like.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densa.config import ModelConfig
+from densa.generation import generate
+from densa.model.attention import LlamaBlock
+from densa.model.cache import ModelCache
+from densa.model.layers import RMSNorm
+from densa.model.mega import MegaBlock
+
+BLOCKS: dict[str, type[nn.Module]] = {"mega": MegaBlock, "attention": LlamaBlock}
+
+# output projections get the GPT-2 depth-scaled init std / sqrt(2 * layers)
+_RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, vocab), fp32
+    loss: Tensor | None = None  # mean next-token cross-entropy over labelled positions
+    aux: dict[str, Tensor] = field(default_factory=dict)  # auxiliary losses and metrics (MoE routing, ...)
+
+
+class DensaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BLOCKS[config.mixer](config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(_RESIDUAL_OUTPUTS) else 1
+                nn.init.normal_(module.weight, 0.0, std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+
+    def new_cache(self) -> ModelCache:
+        """An empty decoding cache (one entry per layer); pass it to forward() call after call."""
+        return ModelCache([layer.new_cache() for layer in self.layers])
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, cache: ModelCache | None = None) -> ModelOutput:
+        """Logits for every position; with `labels` (same shape as input_ids, -100 = ignore) also the loss of
+        predicting labels[t+1] from positions <= t. With `cache`, input_ids continue the cached sequence."""
+        self._check_inputs(input_ids, labels, cache)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache.layers[i] if cache is not None else None)
+        logits = self.lm_head(self.norm(x)).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss)
+
+    def _check_inputs(self, input_ids: Tensor, labels: Tensor | None, cache: ModelCache | None) -> None:
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise TypeError(f"input_ids must be an int64 tensor of shape (batch, time); got {got}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape (batch, time) with time >= 1; got {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if cache is not None and len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layers, model has {len(self.layers)}; "
+                             "create it with model.new_cache()")
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, **kwargs) -> Tensor:
+        """See densa.generation.generate."""
+        return generate(self, input_ids, **kwargs)
