@@ -1,0 +1,53 @@
+"""The `densa` command: help, one-line errors, init, quickstart."""
+
+import subprocess
+import sys
+
+import pytest
+
+from densa.checkpoint import load_model
+from densa.cli import COMMANDS, main
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_unknown_command_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "densa", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown command 'frobnicate'" in proc.stderr
+
+
+def test_init_writes_a_loadable_checkpoint(tmp_path, capsys):
+    assert main(["init", "--preset", "tiny", "--set", "attn_chunk_size=8", "--out", str(tmp_path / "m")]) == 0
+    assert "parameters" in capsys.readouterr().out
+    model = load_model(tmp_path / "m")
+    assert model.config.attn_chunk_size == 8
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["init", "--preset", "huge"], "unknown preset 'huge'"),
+    (["init", "--preset", "tiny", "--set", "ema_dim=-2"], "ema_dim=-2: must be an integer >= 1"),
+    (["init", "--preset", "tiny", "--set", "colour=red"], "--set colour: unknown key"),
+    (["init", "--config", "missing.yaml"], "recipe 'missing.yaml' does not exist"),
+])
+def test_init_errors_are_one_clear_line(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
+
+
+def test_missing_required_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["init", "--preset", "tiny"])
+    assert exit_.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_quickstart_runs(capsys):
+    assert main(["quickstart", "--preset", "tiny", "--context", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "densa (mega)" in out and "dense baseline" in out
