@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("densa.quickstart", "the main job on embedded defaults: build, run and measure a small model"),
     "init": ("densa.commands.init", "write an untrained model checkpoint from a preset / recipe"),
+    "tokenizer": ("densa.commands.tokenizer", "train a byte-level BPE tokenizer (Hugging Face format)"),
+    "inspect-routing": ("densa.commands.inspect_routing", "print how many FFN experts each token uses per MoE layer"),
     "bench": ("densa.bench", "micro-benchmarks that print measured ratios (attention, decode)"),
 }
 
