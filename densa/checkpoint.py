@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 import safetensors.torch
+from safetensors import SafetensorError
 
-from densa.config import ModelConfig
+from densa.config import ConfigError, ModelConfig
 from densa.model.model import DensaModel
 
 CONFIG_FILE = "config.json"
@@ -53,8 +54,15 @@ def load_model(path: str | Path) -> DensaModel:
     path = Path(path)
     if not is_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a densa checkpoint (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    model = DensaModel(ModelConfig.from_json(path / CONFIG_FILE))
-    missing, unexpected = safetensors.torch.load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    try:
+        config = ModelConfig.from_json(path / CONFIG_FILE)
+    except (ValueError, TypeError) as exc:  # JSON syntax, unknown fields (ConfigError), bad values
+        raise ConfigError(f"{path / CONFIG_FILE}: {exc}") from None
+    model = DensaModel(config)
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    except SafetensorError as exc:
+        raise ValueError(f"{path / WEIGHTS_FILE}: corrupt or truncated safetensors file ({exc})") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"{path / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("densa.commands.init", "write an untrained model checkpoint from a preset / recipe"),
     "tokenizer": ("densa.commands.tokenizer", "train a byte-level BPE tokenizer (Hugging Face format)"),
     "inspect-routing": ("densa.commands.inspect_routing", "print how many FFN experts each token uses per MoE layer"),
+    "export": ("densa.hf.export", "export a model as a Hugging Face folder (optionally loadable without densa)"),
     "bench": ("densa.bench", "micro-benchmarks that print measured ratios (attention, decode)"),
 }
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 Mixer = Literal["mega", "attention"]
-Ffn = Literal["swiglu"]
+Ffn = Literal["swiglu", "moe", "topk_moe"]
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,7 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     mixer: Mixer = "mega"  # "mega": EMA + chunked gated attention; "attention": Llama-style full causal SDPA
-    ffn: Ffn = "swiglu"
+    ffn: Ffn = "swiglu"  # "swiglu": dense; "moe": densa's dynamic MoE; "topk_moe": top-k softmax MoE (docs/moe.md)
 
     # --- Mega sequence mixer (mega.md §2-§4) ---
     ema_dim: int = 16  # h: EMA state size per channel
@@ -58,6 +58,23 @@ class ModelConfig:
     normalized_attention: bool = True  # QK-norm: z / ||z|| per head with learned scale, no 1/sqrt(d)
     two_hop_residual: bool = False  # FFN residual is the block input, not the mixer output
 
+    # --- mixture-of-experts FFN, ffn="moe" or "topk_moe" (docs/moe.md; design moe.md §5) ---
+    num_experts: int = 64  # E: routed FFN experts (fine-grained, OLMoE: 64 experts, top-8)
+    num_experts_per_tok: int = 8  # K: slots per token; under "moe" FFN and zero-computation experts share them
+    moe_intermediate_size: int = 0  # F: one expert's SwiGLU width; 0 = intermediate_size // num_experts_per_tok
+    shared_expert: bool = False  # one always-on, sigmoid-gated expert of width F (DeepSeekMoE / Qwen2-MoE)
+    router_z_loss_coef: float = 1e-3  # ST-MoE router z-loss (OLMoE: 1e-3)
+    # "moe" only: zero-computation (ZC) experts, the compute-budget controller and aux-loss-free balancing
+    num_null_experts: int = 4  # ZC experts that output zero (AdaMoE null / MoE++ zero)
+    num_identity_experts: int = 4  # ZC experts that output their input (LongCat / MoE++ copy)
+    target_active_experts: float = 6.0  # mean FFN experts per token that the budget controller holds, per layer
+    budget_update_rate: float = 1.0  # α in [0, 1]: per step the ZC bias moves this share of the way to its proposal
+    max_all_null_rate: float = 0.5  # cap on the share of a layer's tokens that use no FFN expert
+    balance_update_rate: float = 1e-3  # γ: DeepSeek-V3 aux-loss-free bias step (sign update, re-centred)
+    seq_balance_loss_coef: float = 1e-4  # DeepSeek-V3 sequence-wise balance loss over the FFN experts
+    # "topk_moe" only
+    router_aux_loss_coef: float = 1e-2  # Switch balance loss, HF Mixtral normalisation (OLMoE: 1e-2)
+
     def __post_init__(self) -> None:
         _check_types(self)
         _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
@@ -67,6 +84,8 @@ class ModelConfig:
             raise ConfigError(f"mixer={self.mixer!r}: must be one of {list(typing.get_args(Mixer))}")
         if self.ffn not in typing.get_args(Ffn):
             raise ConfigError(f"ffn={self.ffn!r}: must be one of {list(typing.get_args(Ffn))}")
+        if self.ffn != "swiglu":
+            self._check_moe()
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta={self.rope_theta}: must be > 0")
         if not 0 < self.rms_norm_eps < 1:
@@ -91,6 +110,47 @@ class ModelConfig:
             if self.timestep_norm and self.hidden_size % self.timestep_norm_groups:
                 raise ConfigError(f"timestep_norm_groups={self.timestep_norm_groups}: must divide "
                                   f"hidden_size={self.hidden_size}")
+
+    def _check_moe(self) -> None:
+        _positive(self, "num_experts", "num_experts_per_tok")
+        E, K = self.num_experts, self.num_experts_per_tok
+        Z = self.num_null_experts + self.num_identity_experts
+        for name in ("moe_intermediate_size", "num_null_experts", "num_identity_experts", "router_z_loss_coef",
+                     "budget_update_rate", "balance_update_rate", "seq_balance_loss_coef", "router_aux_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.expert_intermediate_size < 1:
+            raise ConfigError(f"moe_intermediate_size=0 derives intermediate_size // num_experts_per_tok = "
+                              f"{self.intermediate_size} // {K} = 0: set moe_intermediate_size >= 1")
+        if self.ffn == "topk_moe":
+            if K > E:
+                raise ConfigError(f"num_experts_per_tok={K}: must be <= num_experts={E} for ffn='topk_moe'")
+            return
+        if K > E + Z:
+            raise ConfigError(f"num_experts_per_tok={K}: exceeds the routing pool num_experts + num_null_experts + "
+                              f"num_identity_experts = {E} + {self.num_null_experts} + "
+                              f"{self.num_identity_experts} = {E + Z}")
+        # a token picks K distinct experts, at most Z of them zero-computation and at most E of them FFN
+        lo, hi = max(K - Z, 0), min(K, E)
+        t = self.target_active_experts
+        if not (lo <= t <= hi and t > 0):
+            interval = f"({lo}, {hi}]" if lo == 0 else f"[{lo}, {hi}]"
+            raise ConfigError(f"target_active_experts={t}: must be in {interval} with num_experts={E}, "
+                              f"num_experts_per_tok={K} and {Z} zero-computation experts (a token uses between "
+                              "K - Z and min(K, E) FFN experts)")
+        if self.budget_update_rate > 1:
+            raise ConfigError(f"budget_update_rate={self.budget_update_rate}: must be in [0, 1]")
+        if not 0 <= self.max_all_null_rate <= 1:
+            raise ConfigError(f"max_all_null_rate={self.max_all_null_rate}: must be in [0, 1]")
+        if Z >= K and t < 1 - self.max_all_null_rate:
+            raise ConfigError(f"target_active_experts={t} with max_all_null_rate={self.max_all_null_rate} is "
+                              f"impossible: a token that is not all-null uses >= 1 FFN expert, so the mean is >= "
+                              f"1 - max_all_null_rate = {1 - self.max_all_null_rate:g}")
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """F, the SwiGLU width of one routed expert (`moe_intermediate_size`, or derived when it is 0)."""
+        return self.moe_intermediate_size or self.intermediate_size // self.num_experts_per_tok
 
     @property
     def head_dim(self) -> int:
@@ -173,6 +233,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                    ema_chunk_size=2048, attn_chunk_size=2048, shared_qk_dim=512, value_dim=4096,
                    tie_word_embeddings=False),
 }
+# tests and the controller log: tiny with densa's dynamic MoE (16 experts of width 44, 4 slots, 3 FFN experts
+# per token on average, 2 null + 2 identity experts so a token may skip the FFN)
+PRESETS["tiny-moe"] = dict(PRESETS["tiny"], ffn="moe", num_experts=16, num_experts_per_tok=4, num_null_experts=2,
+                           num_identity_experts=2, target_active_experts=3.0)
 
 
 def from_preset(name: str, **overrides: Any) -> ModelConfig:

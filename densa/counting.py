@@ -3,8 +3,10 @@
 FLOPs count a multiply-add as 2. Attention FLOPs are the *useful* ones: a causal query at position t attends to
 t+1 keys (or to the keys of its own chunk for Mega), averaged over the positions of a sequence of `context` tokens.
 The EMA is costed as what densa runs: FFT convolution inside chunks (real FFT ≈ 2.5·n·log2 n flops) plus the
-state einsums of the chunked form. Training FLOPs are 3× forward (backward ≈ 2× forward).
-tests/test_counting.py checks these formulas against torch.utils.flop_counter on the tiny preset.
+state einsums of the chunked form. A MoE FFN is costed at its active experts (`ffn_flops_per_token`). Training FLOPs
+are 3× forward (backward ≈ 2× forward).
+tests/test_counting.py (tests/test_moe.py for the MoE) checks these formulas against torch.utils.flop_counter on the
+tiny preset.
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> FlopsPerTok
     max_position_embeddings), batch 1."""
     T = context or cfg.max_position_embeddings
     D, L = cfg.hidden_size, cfg.num_hidden_layers
-    ffn = 3 * D * cfg.intermediate_size
     if cfg.mixer == "attention":
         d, H, Hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         mixer = D * H * d * 2 + D * Hkv * d * 2
@@ -93,5 +94,19 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> FlopsPerTok
         ema_state = (2 * 2 * D * N * padded + 2 * D * N * c + 2 * D * N * r) * cplx / T
         # per chunk of c tokens and channel: rfft(x), pointwise product (n/2+1 complex), irfft; plus rfft(kernel)
         ema_fft = D * (2 * fft_flops(n) + 6 * (n // 2 + 1)) / c + D * fft_flops(n) / T
-    return FlopsPerToken(linear=L * 2 * (mixer + ffn), attention=L * attention, ema_state=L * ema_state,
-                         ema_fft=L * ema_fft, lm_head=2 * D * cfg.vocab_size)
+    return FlopsPerToken(linear=L * (2 * mixer + ffn_flops_per_token(cfg)), attention=L * attention,
+                         ema_state=L * ema_state, ema_fft=L * ema_fft, lm_head=2 * D * cfg.vocab_size)
+
+
+def ffn_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of one block's FFN. Dense SwiGLU: 6·D·I. MoE: the active experts (the budget target
+    under "moe", K under "topk_moe") × 6·D·F, plus the router 2·D·(E + Z) and the shared expert 6·D·F + 2·D.
+    Identity experts (an axpy), the softmax/top-k and the dispatch gathers are not counted."""
+    D = cfg.hidden_size
+    if cfg.ffn == "swiglu":
+        return 6 * D * cfg.intermediate_size
+    dynamic = cfg.ffn == "moe"
+    active = cfg.target_active_experts if dynamic else cfg.num_experts_per_tok
+    pool = cfg.num_experts + (cfg.num_null_experts + cfg.num_identity_experts if dynamic else 0)
+    F = cfg.expert_intermediate_size
+    return active * 6 * D * F + 2 * D * pool + (6 * D * F + 2 * D if cfg.shared_expert else 0)

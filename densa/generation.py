@@ -38,17 +38,18 @@ def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int | None =
 @torch.no_grad()
 def generate(model: DensaModel, input_ids: Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, attention_mask: Tensor | None = None) -> Tensor:
     """Continue each row of `input_ids` (B, T) by up to `max_new_tokens`, stopping a row at a stop token.
 
     Returns (B, T + n) with n <= max_new_tokens; rows that stopped early are filled with their stop token.
-    The prompt is prefilled in one cached forward; every later step feeds one token.
+    The prompt is prefilled in one cached forward; every later step feeds one token. Prompts of different lengths
+    are left-padded with `attention_mask` 0 at the padding; each row then generates what it would alone.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=input_ids.device)
     cache = model.new_cache()
-    logits = model(input_ids, cache=cache).logits[:, -1]
+    logits = model(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1]
     out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     last = None
     for step in range(max_new_tokens):

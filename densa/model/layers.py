@@ -43,13 +43,19 @@ class TimestepNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, state: TimestepNormState | None = None) -> tuple[Tensor, TimestepNormState]:
+    def forward(self, x: Tensor, state: TimestepNormState | None = None,
+                valid_BT: Tensor | None = None) -> tuple[Tensor, TimestepNormState]:
+        """Normalise x (B, T, D); `valid_BT` False at left padding, which then counts in no statistic."""
         B, T, D = x.shape
         G = self.groups
         x_BTGd = x.double().view(B, T, G, D // G)
+        if valid_BT is not None:
+            x_BTGd = x_BTGd.masked_fill(~valid_BT[..., None, None], 0.0)
+            count_BT = valid_BT.double().cumsum(1).clamp_min(1)  # a padding step before any token divides by 1
+        else:
+            count_BT = torch.arange(1, T + 1, device=x.device, dtype=torch.float64).expand(B, T)
         sums_BTG = x_BTGd.sum(-1).cumsum(1)  # (B, T, G) running sum of values in each group
         sqs_BTG = x_BTGd.pow(2).sum(-1).cumsum(1)
-        count_BT = torch.arange(1, T + 1, device=x.device, dtype=torch.float64).expand(B, T)
         if state is not None:
             count0, sum0, sq0 = state
             sums_BTG = sums_BTG + sum0[:, None]
@@ -81,12 +87,22 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.reset_buffers()
 
-    def forward(self, x_BHTd: Tensor, positions_T: Tensor) -> Tensor:
-        freqs_Td2 = positions_T.float()[:, None] * self.inv_freq[None, :]
-        emb_Td = torch.cat([freqs_Td2, freqs_Td2], dim=-1)
-        cos, sin = emb_Td.cos().to(x_BHTd.dtype), emb_Td.sin().to(x_BHTd.dtype)
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """(Re)compute the frequencies; loaders that build modules on the meta device must call it."""
+        d = self.head_dim
+        self.inv_freq.copy_(1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+
+    def forward(self, x_BHTd: Tensor, positions: Tensor) -> Tensor:
+        """Rotate by `positions`: (T,) shared by the batch, or (B, T) per row."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (T, d/2) or (B, T, d/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        if emb.dim() == 3:
+            emb = emb[:, None]  # (B, 1, T, d): broadcast over heads
+        cos, sin = emb.cos().to(x_BHTd.dtype), emb.sin().to(x_BHTd.dtype)
         x1, x2 = x_BHTd.chunk(2, dim=-1)
         return x_BHTd * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densa.config import ModelConfig
-from densa.model.cache import MegaLayerCache
+from densa.model.cache import MegaLayerCache, Positions
 from densa.model.ema import DampedEMA
 from densa.model.ffn import build_mlp
 from densa.model.layers import RMSNorm, Rotary, TimestepNorm
@@ -63,6 +63,34 @@ def chunked_attention_reference(q_BHTz: Tensor, k_BHTz: Tensor, v_BHTv: Tensor, 
     return (probs @ v_BHTv.float()).to(v_BHTv.dtype)
 
 
+def rolled_chunked_attention(q_BHTz: Tensor, k_BHTz: Tensor, v_BHTv: Tensor, valid_BT: Tensor, chunk: int,
+                             scale: float) -> Tensor:
+    """`chunked_attention` for a left-padded batch: each row is rolled so its first real token sits at index 0 (its
+    padding moves to the end, where causal attention never reads it), attended, and rolled back. Every row then has
+    its own chunk boundaries, exactly as if it were alone."""
+    B, H, T, _ = q_BHTz.shape
+    shift_B = (~valid_BT).sum(1)
+    t = torch.arange(T, device=q_BHTz.device)
+
+    def take(x: Tensor, idx_BT: Tensor) -> Tensor:
+        return x.gather(2, idx_BT[:, None, :, None].expand(B, x.shape[1], T, x.shape[-1]))
+
+    roll_BT = (t[None, :] + shift_B[:, None]) % T  # rolled[t] = original[t + shift]
+    o = chunked_attention(take(q_BHTz, roll_BT), take(k_BHTz, roll_BT), take(v_BHTv, roll_BT), chunk, scale)
+    return take(o, (t[None, :] - shift_B[:, None]) % T)
+
+
+def positional_attention(q_BHTz: Tensor, k_BHSz: Tensor, v_BHSv: Tensor, q_pos_BT: Tensor, k_pos_BS: Tensor,
+                         chunk: int, scale: float) -> Tensor:
+    """Chunk attention from explicit per-row positions (key position -1 = padding): query i sees key j iff the key
+    is real, not later, and in the same chunk. For decoding steps and continuations of a cached sequence, where
+    rows may sit at different positions; O(T·S), so long fresh sequences use `chunked_attention` instead."""
+    q_pos, k_pos = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
+    mask_BTS = (k_pos >= 0) & (k_pos <= q_pos) & (k_pos // chunk == q_pos // chunk)
+    mask_BTS = mask_BTS | ~mask_BTS.any(-1, keepdim=True)  # a padding query with nothing to see: any finite output
+    return F.scaled_dot_product_attention(q_BHTz, k_BHSz, v_BHSv, attn_mask=mask_BTS[:, None], scale=scale)
+
+
 class MovingAverageGatedAttention(nn.Module):
     """The Mega sequence mixer: EMA → shared Z → chunked multi-head attention → reset gate → output projection."""
 
@@ -90,28 +118,36 @@ class MovingAverageGatedAttention(nn.Module):
         k = z_BHTz * (self.qk_scale[1] + 1) + self.qk_bias[1]
         return q, k, scale
 
-    def forward(self, x_BTD: Tensor, cache: MegaLayerCache | None = None) -> Tensor:
+    def forward(self, x_BTD: Tensor, pos: Positions, cache: MegaLayerCache | None = None) -> Tensor:
         B, T, _ = x_BTD.shape
         D, Z, V = self.dims
-        H = self.heads
-        seen = cache.seen if cache is not None else 0
+        H, c = self.heads, self.chunk
+        valid = pos.valid_BT
 
-        mx_BTD, ema_state = self.ema(x_BTD, cache.ema_state if cache is not None else None)
+        x_ema = x_BTD if valid is None else x_BTD.masked_fill(~valid[..., None], 0.0)  # padding never enters the EMA
+        mx_BTD, ema_state = self.ema(x_ema, cache.ema_state if cache is not None else None)
         mx_BTD = F.silu(mx_BTD)  # X' (Mega: silu(EMA(x) + ω x))
         v = F.silu(self.v_proj(x_BTD)).view(B, T, H, V // H).transpose(1, 2)  # (B, H, T, v)
         z, r, hx = self.mx_proj(mx_BTD).split([Z, V, D], dim=-1)
         q, k, scale = self._queries_keys(z.view(B, T, H, Z // H).transpose(1, 2))  # (B, H, T, z)
-        positions = (seen + torch.arange(T, device=x_BTD.device)) % self.chunk  # chunk-local RoPE positions
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        q, k = self.rotary(q, pos.ids_BT % c), self.rotary(k, pos.ids_BT % c)  # chunk-local RoPE positions
+        k_pos = pos.ids_BT if valid is None else pos.ids_BT.masked_fill(~valid, -1)
 
-        if cache is not None:
-            if cache.k is not None:
+        if (cache is None or cache.k is None) and pos.uniform_start == 0:  # fresh sequences: the fast path
+            if valid is None:
+                o = chunked_attention(q, k, v, c, scale)
+            else:
+                o = rolled_chunked_attention(q, k, v, valid, c, scale)
+        else:  # continuing cached rows (decoding): mask from per-row positions over cached + new keys
+            if cache is not None and cache.k is not None:
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-            keep = (seen + T) % self.chunk  # keys of the chunk still open after these tokens
-            cache.k, cache.v = k[:, :, k.shape[2] - keep :].clone(), v[:, :, v.shape[2] - keep :].clone()
-            cache.ema_state, cache.seen = ema_state, seen + T
-
-        o = chunked_attention(q, k, v, self.chunk, scale)  # (B, H, T, v)
+                k_pos = torch.cat([cache.k_pos, k_pos], dim=1)
+            o = positional_attention(q, k, v, pos.ids_BT, k_pos, c, scale)
+        if cache is not None:  # keep what a later query can still see: the last c-1 steps
+            S = k.shape[2]
+            keep = min(c - 1, S)
+            cache.k, cache.v = k[:, :, S - keep :].clone(), v[:, :, S - keep :].clone()
+            cache.k_pos, cache.ema_state = k_pos[:, S - keep :].clone(), ema_state
         o = o.transpose(1, 2).reshape(B, T, V)
         return hx + self.o_proj(o * F.silu(r))
 
@@ -132,16 +168,16 @@ class MegaBlock(nn.Module):
         self.mlp = build_mlp(cfg)
         self.two_hop = cfg.two_hop_residual
 
-    def _normed(self, x: Tensor, cache: MegaLayerCache | None) -> Tensor:
+    def _normed(self, x: Tensor, pos: Positions, cache: MegaLayerCache | None) -> Tensor:
         if not isinstance(self.mixer_norm, TimestepNorm):
             return self.mixer_norm(x)
-        h, state = self.mixer_norm(x, cache.norm_state if cache is not None else None)
+        h, state = self.mixer_norm(x, cache.norm_state if cache is not None else None, pos.valid_BT)
         if cache is not None:
             cache.norm_state = state
         return h
 
-    def forward(self, x: Tensor, cache: MegaLayerCache | None = None) -> Tensor:
-        y = x + self.mixer(self._normed(x, cache), cache)
+    def forward(self, x: Tensor, pos: Positions, cache: MegaLayerCache | None = None) -> Tensor:
+        y = x + self.mixer(self._normed(x, pos, cache), pos, cache)
         return (x if self.two_hop else y) + self.mlp(self.mlp_norm(y))
 
     def new_cache(self) -> MegaLayerCache:

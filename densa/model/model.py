@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from densa.config import ModelConfig
 from densa.generation import generate
 from densa.model.attention import LlamaBlock
-from densa.model.cache import ModelCache
+from densa.model.cache import ModelCache, Positions
 from densa.model.layers import RMSNorm
 from densa.model.mega import MegaBlock
+from densa.model.moe import MoE
 
 BLOCKS: dict[str, type[nn.Module]] = {"mega": MegaBlock, "attention": LlamaBlock}
 
@@ -29,8 +30,8 @@ _RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 @dataclass
 class ModelOutput:
     logits: Tensor  # (B, T, vocab), fp32
-    loss: Tensor | None = None  # mean next-token cross-entropy over labelled positions
-    aux: dict[str, Tensor] = field(default_factory=dict)  # auxiliary losses and metrics (MoE routing, ...)
+    loss: Tensor | None = None  # mean next-token cross-entropy over labelled positions (+ MoE aux losses in training)
+    aux: dict[str, Tensor] = field(default_factory=dict)  # ce_loss, aux_loss and per-layer MoE routing metrics
 
 
 class DensaModel(nn.Module):
@@ -56,24 +57,68 @@ class DensaModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, MoE):
+                module.reset_parameters()  # fused 3-D experts and the router are not nn.Linear
 
     def new_cache(self) -> ModelCache:
         """An empty decoding cache (one entry per layer); pass it to forward() call after call."""
         return ModelCache([layer.new_cache() for layer in self.layers])
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, cache: ModelCache | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, cache: ModelCache | None = None,
+                attention_mask: Tensor | None = None) -> ModelOutput:
         """Logits for every position; with `labels` (same shape as input_ids, -100 = ignore) also the loss of
-        predicting labels[t+1] from positions <= t. With `cache`, input_ids continue the cached sequence."""
+        predicting labels[t+1] from positions <= t. With `cache`, input_ids continue the cached sequence.
+        `attention_mask` (B, T) or, Hugging Face style, (B, cached + T): 0 marks left padding, which then changes
+        nothing for the row's real tokens (each row behaves as if it were alone)."""
         self._check_inputs(input_ids, labels, cache)
+        pos = Positions.build(*input_ids.shape, input_ids.device, attention_mask, cache)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache.layers[i] if cache is not None else None)
+            x = layer(x, pos, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            pos.advance(cache)
         logits = self.lm_head(self.norm(x)).float()
+        aux, aux_loss = self._routing_aux()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss)
+            aux["ce_loss"] = loss.detach()
+            if aux_loss is not None:  # training-mode MoE: the weighted router losses join the objective
+                loss = loss + aux_loss
+        return ModelOutput(logits=logits, loss=loss, aux=aux)
+
+    def _routing_aux(self) -> tuple[dict[str, Tensor], Tensor | None]:
+        """What the MoE FFNs recorded in this forward: per-layer metrics (`layers.{i}.{name}`) and, in training
+        mode, their weighted aux losses summed (also reported, detached, as `aux_loss`)."""
+        aux: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, MoE):
+                metrics, loss = layer.mlp.pop_aux()
+                aux.update({f"layers.{i}.{name}": value for name, value in metrics.items()})
+                if loss is not None:
+                    total = loss if total is None else total + loss
+        if total is not None:
+            aux["aux_loss"] = total.detach()
+        return aux, total
+
+    @torch.no_grad()
+    def update_routing(self) -> dict[str, float | list[float]]:
+        """Per-step routing updates of every MoE layer; returns their monitoring dict (`layers.{i}.{name}`).
+
+        Contract (the trainer's): call once per optimizer step, right after `optimizer.step()`, on every rank (it
+        all-reduces when torch.distributed is initialised; under DDP call it on `ddp_model.module`). In between,
+        every training-mode forward of the step (all micro-batches of gradient accumulation) adds its routing
+        counts; this call turns the global batch's counts into the budget controller's and the balance bias's
+        updates and resets them. Eval-mode forwards count nothing. Models without MoE layers return {}.
+        """
+        metrics: dict[str, float | list[float]] = {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, MoE):
+                layer_metrics = layer.mlp.update_routing(where=f"layers.{i}")
+                metrics.update({f"layers.{i}.{name}": value for name, value in layer_metrics.items()})
+        return metrics
 
     def _check_inputs(self, input_ids: Tensor, labels: Tensor | None, cache: ModelCache | None) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):

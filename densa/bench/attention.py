@@ -1,0 +1,143 @@
+"""`densa bench attention`: forward+backward time and peak memory of ONE sequence-mixer layer vs sequence length.
+
+Choices (docs/benchmarks.md explains them with the measured figures):
+- densa: `MovingAverageGatedAttention` at hidden 384, cpu-small's Mega settings (4 heads, ema_dim 16, chunks of
+  256) with shared_qk_dim 96 and value_dim 384 (= hidden, not Mega's 2·hidden) so its parameter count (654k) is
+  within 11% of the dense layer's (590k); both counts are in the output.
+- dense: the baseline's `CausalSelfAttention` at hidden 384 (6 heads of 64, no grouping): q/k/v/o projections and
+  full causal SDPA, i.e. what every layer of `mixer="attention"` runs.
+- Batch 1, fp32 for both, torch's default thread count (recorded as `threads`). The input requires grad and the
+  loss is the output's sum, so backward computes input and parameter gradients as inside a model.
+- Time: one warm-up forward+backward, then the median of `reps` timed ones (wall clock).
+- Memory: every (layer, T) case runs in a fresh Python subprocess. After the layer and input are built the process'
+  peak-RSS counter is reset (`echo 5 > /proc/self/clear_refs`); the peak is VmHWM minus VmRSS at the reset, i.e.
+  everything the forward+backward added at its worst moment: saved activations, temporaries, gradients, allocator
+  slack (tracemalloc cannot see torch's allocations). Where the reset is not allowed, the fallback is the
+  `ru_maxrss` increase over the same window, which underestimates when the import had a higher peak.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from densa.config import from_preset
+from densa.model.attention import CausalSelfAttention
+from densa.model.cache import Positions
+from densa.model.mega import MovingAverageGatedAttention
+
+HIDDEN = 384
+LENGTHS = (1024, 2048, 4096, 8192, 16384)
+QUICK_LENGTHS = (1024, 2048, 4096, 8192)
+KINDS = ("densa", "dense")
+
+
+def build_layer(kind: str) -> nn.Module:
+    """The mixer layer for `kind`: "densa" (Mega: EMA + chunked attention) or "dense" (full causal attention)."""
+    if kind == "densa":
+        return MovingAverageGatedAttention(from_preset("cpu-small", hidden_size=HIDDEN, shared_qk_dim=96,
+                                                       value_dim=HIDDEN))
+    if kind == "dense":
+        return CausalSelfAttention(from_preset("cpu-small", mixer="attention", hidden_size=HIDDEN,
+                                               num_attention_heads=6, num_key_value_heads=6))
+    raise ValueError(f"unknown layer kind {kind!r}; expected one of {KINDS}")
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", open("/proc/self/status").read(), re.M).group(1))
+
+
+def _reset_peak() -> tuple[str, int]:
+    """Start a new peak-memory window; returns (method, baseline in kB)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (and ru_maxrss) to the current RSS
+        return "VmHWM after clear_refs reset", _status_kb("VmRSS")
+    except OSError:
+        import resource
+
+        return "ru_maxrss increase", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_kb(method: str) -> int:
+    if method.startswith("VmHWM"):
+        return _status_kb("VmHWM")
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure(kind: str, T: int, reps: int) -> dict[str, float | str]:
+    """Time and peak memory of forward+backward of one `kind` layer at length T, in this process.
+
+    The memory figure is only meaningful in a fresh process (`measure_isolated`): memory the allocator kept from
+    earlier cases would absorb part of this one's peak."""
+    torch.manual_seed(0)
+    layer = build_layer(kind)
+    x_BTD = torch.randn(1, T, HIDDEN, requires_grad=True)
+    pos = Positions.build(1, T, x_BTD.device, attention_mask=None, cache=None)  # positions 0..T-1, no padding
+    method, base_kb = _reset_peak()
+    times, cpu_start = [], 0.0
+    for i in range(reps + 1):  # run 0 is the warm-up
+        layer.zero_grad(set_to_none=True)
+        x_BTD.grad = None
+        if i == 1:
+            cpu_start = time.process_time()
+        start = time.perf_counter()
+        layer(x_BTD, pos).sum().backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    # CPU seconds per wall second over the timed runs: well below the thread count means the machine was shared
+    cpu_util = (time.process_time() - cpu_start) / sum(times)
+    return {"ms": 1000 * statistics.median(times), "peak_mb": (_peak_kb(method) - base_kb) / 1024,
+            "params": sum(p.numel() for p in layer.parameters()), "memory_method": method, "cpu_util": cpu_util}
+
+
+def measure_isolated(kind: str, T: int, reps: int) -> dict[str, float | str]:
+    """`measure` in a fresh Python process, so each case's peak memory is its own."""
+    code = f"import json; from densa.bench.attention import measure; print(json.dumps(measure({kind!r}, {T}, {reps})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"bench case {kind} T={T} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_cases(lengths: tuple[int, ...], reps: int) -> dict[str, float | int | str]:
+    """Measure both layers at every length; flat result with per-T keys `{densa,dense}_{ms,peak_mb}_{T}`."""
+    result: dict[str, float | int | str] = {"hidden_size": HIDDEN, "batch_size": 1, "dtype": "float32",
+                                            "threads": torch.get_num_threads(), "reps": reps}
+    for T in lengths:
+        for kind in KINDS:
+            case = measure_isolated(kind, T, reps)
+            result[f"{kind}_ms_{T}"] = round(case["ms"], 2)
+            result[f"{kind}_peak_mb_{T}"] = round(case["peak_mb"], 1)
+            result[f"{kind}_params"] = case["params"]
+            result["memory_method"] = case["memory_method"]
+            print(f"  {kind:5s} T={T:6d}  {case['ms']:9.1f} ms  peak {case['peak_mb']:7.1f} MB  "
+                  f"(CPU busy x{case['cpu_util']:.2f} of {result['threads']} threads)", file=sys.stderr, flush=True)
+    T = max(lengths)
+    result["max_T"] = T
+    result["ratio_at_max_T"] = round(result[f"densa_ms_{T}"] / result[f"dense_ms_{T}"], 4)
+    result["memory_ratio_at_max_T"] = round(result[f"densa_peak_mb_{T}"] / result[f"dense_peak_mb_{T}"], 4)
+    # how densa's time grows: ms per 1k tokens at the largest vs the smallest T (1.0 = exactly linear)
+    result["densa_linearity"] = round(result[f"densa_ms_{T}"] / T * min(lengths) / result[f"densa_ms_{min(lengths)}"],
+                                      3)
+    return result
+
+
+def run(quick: bool) -> dict[str, float | int | str]:
+    lengths, reps = (QUICK_LENGTHS, 3) if quick else (LENGTHS, 5)
+    print(f"bench attention: T in {lengths}, {reps} timed reps after 1 warm-up, one subprocess per case",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    result = run_cases(lengths, reps)
+    result["quick"] = quick
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    return result

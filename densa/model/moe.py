@@ -1,0 +1,246 @@
+"""The mixture-of-experts FFN: router → routed SwiGLU experts (+ identity experts, + an optional shared expert).
+
+Design choices (docs/moe.md; design notes moe.md §3, §5):
+- Experts are stored fused as 3-D parameters in the transformers v5 layout (MixtralExperts): gate_up_proj [E, 2F, D]
+  with the gate rows first, down_proj [E, D, F], so weights load into HF / vLLM layouts unchanged.
+- Dispatch is dropless: sort the (token, slot) pairs by expert once, drop the zero-computation slots (they sort to
+  the tail because their ids are >= E), gather the rows, run the experts as two grouped matmuls
+  (`torch._grouped_mm`, or a `split` + `unbind` loop where it is unavailable or misaligned), scale by the gate
+  weight, and combine with `index_add`. Work, and so time, follows the routed pairs: skipped slots cost nothing.
+  `moe_reference` beside it is the plain per-token loop the fast path is tested against.
+- Identity experts add w·x (an axpy, no GEMM); null experts add nothing.
+- Monitoring: each forward records the router losses and cheap batch metrics in `aux`; in training mode it also
+  accumulates the step's load statistics, which `update_routing()` (once per optimizer step) all-reduces over the
+  ranks, turns into the per-step bias updates (densa/model/router.py) and returns as the monitoring dict.
+
+Shape suffixes: B sequences, L positions, T = B·L tokens, D hidden, E FFN experts, K slots per token,
+F expert width, S routed (token, FFN expert) pairs, n pairs of one expert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densa.config import ModelConfig
+from densa.model.layers import SwiGLU
+from densa.model.router import BudgetRouter, Routing, SoftmaxTopKRouter
+
+
+def moe_reference(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                  num_null: int = 0) -> Tensor:
+    """out_t = Σ_k w_tk · expert_{id_tk}(x_t), one token and one slot at a time. Ids >= E are zero-computation:
+    the first `num_null` of them output 0, the rest (identity) output x_t."""
+    E = gate_up_proj.shape[0]
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y_D = torch.zeros_like(x_TD[t])
+        for e, w in zip(ids_TK[t].tolist(), weights_TK[t].to(x_TD.dtype), strict=True):
+            if e < E:
+                gate, up = (gate_up_proj[e] @ x_TD[t]).chunk(2)
+                y_D = y_D + w * (down_proj[e] @ (F.silu(gate) * up))
+            elif e >= E + num_null:
+                y_D = y_D + w * x_TD[t]
+        rows.append(y_D)
+    return torch.stack(rows)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts, fused. forward(x, ids, weights) computes the FFN slots (ids < E) and drops the rest."""
+
+    impl = "auto"  # "auto" | "grouped_mm" | "split": a runtime choice (tests, benchmarks), not part of the config
+
+    def __init__(self, num_experts: int, hidden: int, width: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))  # initialised by MoE
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
+
+    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        K, E = ids_TK.shape[1], self.gate_up_proj.shape[0]
+        ids_S = ids_TK.flatten()
+        order_S = ids_S.argsort(stable=True)  # sort the (token, slot) pairs by expert, once
+        counts_E = torch.bincount(ids_S, minlength=E)[:E]
+        n = int(counts_E.sum())  # host sync: the number of FFN pairs; the ZC pairs at the tail are dropped
+        if n == 0:
+            return torch.zeros_like(x_TD)
+        order_S = order_S[:n]
+        tok_S = order_S // K
+        # index_select, not x_TD[tok_S]: the advanced-index backward (index_put with accumulate) took ~8x longer
+        # on CPU (65-80 ms against 8 ms at 16k pairs × 384, docs/moe.md)
+        x_SD = x_TD.index_select(0, tok_S)
+        w_S1 = weights_TK.flatten().index_select(0, order_S).to(x_TD.dtype)[:, None]
+        run = self._grouped_mm if self.uses_grouped_mm(x_SD) else self._split
+        return torch.zeros_like(x_TD).index_add(0, tok_S, run(x_SD, w_S1, counts_E))
+
+    def uses_grouped_mm(self, x_SD: Tensor) -> bool:
+        """`torch._grouped_mm` when available and safe: on CPU (kernel since torch 2.9) with 16-byte-aligned strides
+        and pointers (else "strides should be multiple of 16 bytes"; transformers PR #46743), on CUDA in bf16."""
+        if self.impl != "auto":
+            return self.impl == "grouped_mm"
+        if not hasattr(torch, "_grouped_mm") or x_SD.device.type not in ("cpu", "cuda"):
+            return False
+        if x_SD.device.type == "cuda" and x_SD.dtype != torch.bfloat16:
+            return False  # the CUDA fast path is bf16 (SM90); other dtypes take the split loop
+        size = x_SD.element_size()
+        aligned = all(n * size % 16 == 0 for n in self.down_proj.shape[1:])
+        return aligned and all(t.data_ptr() % 16 == 0 for t in (x_SD, self.gate_up_proj, self.down_proj))
+
+    def _grouped_mm(self, x_SD: Tensor, w_S1: Tensor, counts_E: Tensor) -> Tensor:
+        offs_E = counts_E.cumsum(0).to(torch.int32)  # end row of each expert's group
+        gate, up = torch._grouped_mm(x_SD, self.gate_up_proj.transpose(-2, -1), offs=offs_E).chunk(2, dim=-1)
+        # the gate weight scales the F-wide activation rather than the D-wide output: same maths, fewer multiplies
+        return torch._grouped_mm(F.silu(gate) * up * w_S1, self.down_proj.transpose(-2, -1), offs=offs_E)
+
+    def _split(self, x_SD: Tensor, w_S1: Tensor, counts_E: Tensor) -> Tensor:
+        # unbind, never self.gate_up_proj[e] in the loop: autograd would build a full-size zero gradient per expert
+        # (28x slower in moe.md §3.4)
+        sizes = counts_E.tolist()
+        ys = []
+        for x_nD, w_n1, gate_up_2FD, down_DF in zip(x_SD.split(sizes), w_S1.split(sizes),
+                                                      self.gate_up_proj.unbind(0), self.down_proj.unbind(0),
+                                                      strict=True):
+            if len(x_nD):
+                gate, up = F.linear(x_nD, gate_up_2FD).chunk(2, dim=-1)
+                ys.append(F.linear(F.silu(gate) * up * w_n1, down_DF))
+        return torch.cat(ys)
+
+
+class MoE(nn.Module):
+    """The MoE FFN of one block (ffn="moe": BudgetRouter; ffn="topk_moe": SoftmaxTopKRouter). Module names follow
+    transformers' MixtralSparseMoeBlock (`gate`, `experts`) and Qwen2-MoE (`shared_expert`, `shared_expert_gate`)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, D, F_ = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+        dynamic = cfg.ffn == "moe"
+        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.num_null = cfg.num_null_experts if dynamic else 0
+        self.num_identity = cfg.num_identity_experts if dynamic else 0
+        self.active_experts = cfg.target_active_experts if dynamic else cfg.num_experts_per_tok
+        self.gate: BudgetRouter | SoftmaxTopKRouter = BudgetRouter(cfg) if dynamic else SoftmaxTopKRouter(cfg)
+        self.experts = Experts(E, D, F_)
+        self.shared_expert = SwiGLU(D, F_) if cfg.shared_expert else None
+        self.shared_expert_gate = nn.Linear(D, 1, bias=False) if cfg.shared_expert else None
+        # forward FLOPs per token: one routed expert, and what every token pays (router, shared expert)
+        self.expert_flops = 6 * D * F_
+        shared_flops = 6 * D * F_ + 2 * D if cfg.shared_expert else 0
+        self.fixed_flops = 2 * D * (E + self.num_null + self.num_identity) + shared_flops
+        self.aux: dict[str, Tensor] = {}
+        self.aux_loss: Tensor | None = None
+        self.last_ffn_experts_BL: Tensor | None = None  # FFN experts per token of the last forward (inspect-routing)
+        # the step's load statistics: a plain attribute, not a buffer, because DDP's broadcast_buffers would replace
+        # every rank's counts with rank 0's before each forward
+        self._stats: Tensor | None = None
+        self.std = cfg.initializer_range
+        self.down_std = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)  # as DensaModel's down_proj
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Router and experts ~ N(0, initializer_range), down_proj depth-scaled as in DensaModel; routing biases 0.
+        (The shared expert is nn.Linear, which DensaModel.init_weights initialises.)"""
+        nn.init.normal_(self.gate.weight, 0.0, self.std)
+        nn.init.normal_(self.experts.gate_up_proj, 0.0, self.std)
+        nn.init.normal_(self.experts.down_proj, 0.0, self.down_std)
+        for buffer in self.gate.buffers():
+            buffer.zero_()
+
+    def forward(self, x_BLD: Tensor) -> Tensor:
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        r = self.gate(x_TD)
+        out_TD = self.experts(x_TD, r.ids_TK, r.weights_TK)
+        if self.num_identity:
+            identity_T = (r.weights_TK * (r.ids_TK >= self.num_experts + self.num_null)).sum(-1)
+            out_TD = out_TD + identity_T.to(x_TD.dtype)[:, None] * x_TD
+        if self.shared_expert is not None:
+            out_TD = out_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        self._record(r, B, L)
+        return out_TD.view(B, L, D)
+
+    def _record(self, r: Routing, B: int, L: int) -> None:
+        E, K = self.num_experts, self.top_k
+        with torch.no_grad():
+            ffn_T = (r.ids_TK < E).sum(-1)
+            counts_E = torch.bincount(r.ids_TK.flatten(), minlength=E)[:E].double()
+            maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
+        self.last_ffn_experts_BL = ffn_T.view(B, L)
+        self.aux = {"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
+                    "maxvio_batch": maxvio.float()}
+        self.aux_loss = None
+        if not self.training:
+            return
+        losses = self.gate.losses(r, B)
+        self.aux.update({name: value.detach() for name, (_, value) in losses.items()})
+        self.aux_loss = sum(coef * value for coef, value in losses.values())
+        with torch.no_grad():
+            probs_TX = r.scores_TX / r.scores_TX.sum(-1, keepdim=True)
+            entropy = torch.special.entr(probs_TX).sum() / math.log(probs_TX.shape[-1])
+            z_sum = self.aux["z_loss"] * len(ffn_T)  # Σ_t logsumexp(logits_t)^2
+            hist_K1 = torch.bincount(ffn_T, minlength=K + 1).double()
+            # layout: counts_E | hist_K1 (tokens using 0..K FFN experts) | Σ maxvio_batch, forwards, Σ entropy, Σ lse²
+            stats = torch.cat([counts_E, hist_K1, torch.stack([maxvio, maxvio.new_ones(()), entropy.double(),
+                                                               z_sum.double()])])
+        self._stats = stats if self._stats is None else self._stats + stats
+
+    def pop_aux(self) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The last forward's metrics and weighted aux loss (None outside training), cleared so no graph is kept."""
+        aux, loss = self.aux, self.aux_loss
+        self.aux, self.aux_loss = {}, None
+        return aux, loss
+
+    @torch.no_grad()
+    def update_routing(self, where: str = "moe") -> dict[str, float | list[float]]:
+        """Once per optimizer step, on every rank: all-reduce the step's load statistics (the global batch), apply
+        the router's bias updates, reset the statistics and return the monitoring dict (empty if no token was
+        routed in training mode since the last call)."""
+        E, K = self.num_experts, self.top_k
+        stats = self._stats
+        if stats is None:  # still take part in the all-reduce, so ranks stay in step
+            stats = torch.zeros(E + K + 5, dtype=torch.float64, device=self.gate.weight.device)
+        self._stats = None
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)  # global-batch load (Qiu et al., arXiv 2501.11873)
+        counts_E, hist_K1 = stats[:E], stats[E : E + K + 1]
+        maxvio_sum, forwards, entropy_sum, z_sum = stats[E + K + 1 :].tolist()
+        tokens = float(hist_K1.sum())
+        if tokens == 0:
+            return {}
+        metrics = self.load_metrics(counts_E, hist_K1)
+        metrics.update(maxvio_batch=maxvio_sum / forwards, router_entropy=entropy_sum / tokens,
+                       router_z=math.sqrt(z_sum / tokens))  # RMS of the logits' logsumexp
+        metrics.update(self.gate.update(counts_E, metrics["mean_ffn_experts"], where))
+        return metrics
+
+    def load_metrics(self, counts_E: Tensor, hist_K1: Tensor) -> dict[str, float | list[float]]:
+        """Balance and compute metrics from per-expert load and the histogram of FFN experts per token."""
+        E, K = self.num_experts, self.top_k
+        counts_E, hist_K1 = counts_E.double(), hist_K1.double()
+        tokens, mean = hist_K1.sum(), counts_E.mean().clamp_min(1e-9)
+        cdf_K1 = hist_K1.cumsum(0) / tokens
+        mean_ffn = float((hist_K1 * torch.arange(K + 1, device=hist_K1.device)).sum() / tokens)
+        share_E = counts_E / counts_E.sum().clamp_min(1e-9)
+        flops = mean_ffn * self.expert_flops + self.fixed_flops
+        topk_flops = K * self.expert_flops + self.fixed_flops
+        return {
+            "tokens_per_expert": counts_E.tolist(),
+            "load_cv": float(counts_E.std(correction=0) / mean),
+            "maxvio_global": float((counts_E.max() - mean) / mean),  # Loss-Free Balancing, arXiv 2408.15664
+            "load_entropy": float(torch.special.entr(share_E).sum() / math.log(E)) if E > 1 else 1.0,
+            "dead_experts": float((counts_E < mean / 10).sum()),  # load below 1/(10E) of the slots
+            "mean_ffn_experts": mean_ffn,
+            **{f"p{p}_ffn_experts": float((cdf_K1 < p / 100 - 1e-9).sum()) for p in (10, 50, 90)},
+            "all_null_rate": float(hist_K1[0] / tokens),
+            "flops_per_token": flops,  # routed experts + router + shared expert, forward
+            "topk_flops_per_token": topk_flops,  # the same layer with all K slots on FFN experts
+            "flops_fraction": flops / topk_flops,
+        }
+
+    def inactive_parameters(self) -> int:
+        """Expert parameters a token leaves untouched on average (the budget target, or K, experts are active)."""
+        per_expert = self.experts.gate_up_proj[0].numel() + self.experts.down_proj[0].numel()
+        return round((self.num_experts - self.active_experts) * per_expert)
