@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("densa.quickstart", "the main job on embedded defaults: build, run and measure a small model"),
     "init": ("densa.commands.init", "write an untrained model checkpoint from a preset / recipe"),
     "tokenizer": ("densa.commands.tokenizer", "train a byte-level BPE tokenizer (Hugging Face format)"),
+    "prepare": ("densa.commands.prepare", "tokenize a corpus into token shards with a train/validation split"),
+    "train": ("densa.commands.train", "train a model from a recipe (model: and train: sections), resumable"),
     "inspect-routing": ("densa.commands.inspect_routing", "print how many FFN experts each token uses per MoE layer"),
     "export": ("densa.hf.export", "export a model as a Hugging Face folder (optionally loadable without densa)"),
     "bench": ("densa.bench", "micro-benchmarks that print measured ratios (attention, decode)"),

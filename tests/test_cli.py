@@ -47,7 +47,13 @@ def test_missing_required_flag_is_a_usage_error(capsys):
     assert "--out" in capsys.readouterr().err
 
 
-def test_quickstart_runs(capsys):
-    assert main(["quickstart", "--preset", "tiny", "--context", "64"]) == 0
+def test_quickstart_runs(capsys, tmp_path):
+    assert main(["quickstart", "--quick", "--out", str(tmp_path / "qs"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "densa (mega)" in out and "dense baseline" in out
+    assert "densa (mega)" in out and "dense baseline" in out and "bits/byte" in out
+    assert (tmp_path / "qs" / "summary.json").is_file()
+    assert main(["quickstart", "--quick", "--out", str(tmp_path / "qs"), "--no-progress", "--steps", "2"]) == 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    assert main(["quickstart", "--quick", "--out", str(tmp_path / "other")]) == 1
+    assert "not written by densa quickstart" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from pathlib import Path
 BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("densa.bench.attention", "one mixer layer, forward+backward: densa vs full causal attention"),
     "decode": ("densa.bench.decode", "ms per generated token vs context length: densa, dense, transformers Llama"),
+    "train": ("densa.bench.train", "training tokens/s and MFU: densa, dense baseline, transformers Llama"),
     "moe": ("densa.bench.moe", "one MoE layer, forward+backward: densa dispatch vs transformers Mixtral vs dense"),
 }
 
