@@ -52,10 +52,10 @@ class ModelConfig:
     shared_qk_dim: int = 64  # z: shared Q/K dimension (all heads together)
     value_dim: int = 512  # v: value dimension (all heads together); Mega uses 2*hidden
     # Megalodon refinements (mega.md §4); defaults chosen by the measurement in docs/mixer-options.md
-    complex_ema: bool = False  # CEMA: rotate the EMA state by a learned per-channel phase
+    complex_ema: bool = True  # CEMA: rotate the EMA state by a learned per-channel phase
     timestep_norm: bool = False  # causal cumulative group norm before the mixer instead of RMSNorm
     timestep_norm_groups: int = 16
-    normalized_attention: bool = True  # QK-norm: z / ||z|| per head with learned scale, no 1/sqrt(d)
+    normalized_attention: bool = False  # QK-norm: z / ||z|| per head with learned scale, no 1/sqrt(d)
     two_hop_residual: bool = False  # FFN residual is the block input, not the mixer output
 
     # --- mixture-of-experts FFN, ffn="moe" or "topk_moe" (docs/moe.md; design moe.md §5) ---

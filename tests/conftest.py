@@ -16,10 +16,10 @@ from densa.model.model import DensaModel  # noqa: E402
 
 # every architecture variant the foundation offers; the Megalodon options are exercised together and alone
 VARIANTS = {
-    "mega": {},
-    "mega-complex": {"complex_ema": True},
+    "mega": {},  # defaults: complex EMA, Mega's silu Q/K (docs/mixer-options.md)
+    "mega-real-ema": {"complex_ema": False},
     "mega-timestep-norm": {"timestep_norm": True},
-    "mega-plain-attention": {"normalized_attention": False},
+    "mega-normalized-attention": {"normalized_attention": True},
     "mega-two-hop": {"two_hop_residual": True},
     "megalodon-all": {"complex_ema": True, "timestep_norm": True, "two_hop_residual": True},
     "dense": {"mixer": "attention"},

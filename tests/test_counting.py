@@ -2,7 +2,8 @@
 
 What the counter sees and what it does not, and so how the two are compared:
 - It counts matmuls (mm/addmm/bmm, einsums lowered to bmm): the projections, FFN, LM head and the chunked-EMA
-  state einsums. These must match the analytic `linear + lm_head + ema_state` exactly.
+  state einsums. These must match the analytic `linear + lm_head + ema_state` exactly. Its formula ignores dtype
+  (a complex matmul counts as a real one), so the comparison uses the real EMA; the complex EMA's einsums cost 4×.
 - It counts SDPA only when the math backend runs (the CPU flash kernel has no flop formula), and then as the full
   score matrix: the masked upper triangle and the padding of the last chunk included. We force the math backend and
   compare with our *useful* (causal) attention FLOPs scaled by keys-computed / keys-used.
@@ -28,8 +29,9 @@ def _counted(model, T: int) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("T", [64, 100])
 def test_mega_flops_match_counter(T):
-    cfg = from_preset("tiny")
-    total, ops = _counted(tiny_model(), T)
+    # the counter's matmul formula ignores dtype, so a complex einsum counts as a real one: compare on the real EMA
+    cfg = from_preset("tiny", complex_ema=False)
+    total, ops = _counted(tiny_model(complex_ema=False), T)
     assert not any("fft" in str(op) for op in ops)  # the counter is blind to FFTs
     f = flops_per_token(cfg, T)
     c = min(cfg.attn_chunk_size, T)
@@ -38,6 +40,11 @@ def test_mega_flops_match_counter(T):
     expected = (f.linear + f.lm_head + f.ema_state + attention_as_computed) * T
     assert total == pytest.approx(expected, rel=1e-6)
     assert 0 < f.ema_fft < 0.2 * f.total  # the uncounted FFT part is small next to the matmuls
+
+
+def test_complex_ema_costs_four_real_multiply_adds():
+    real, cplx = (flops_per_token(from_preset("tiny", complex_ema=c), 64) for c in (False, True))
+    assert cplx.ema_state == pytest.approx(4 * real.ema_state) and cplx.linear == real.linear
 
 
 def test_dense_flops_match_counter():

@@ -101,7 +101,7 @@ def test_schedules_and_parameter_groups():
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.dim() >= 2 for p in decay["params"])
     plain_names = [names[id(p)] for p in plain["params"]]
-    assert all(n.endswith(("norm.weight", "bias", "qk_scale", ".alpha", ".delta", ".omega", ".gamma", ".beta",
+    assert all(n.endswith(("norm.weight", "bias", "qk_scale", ".alpha", ".delta", ".omega", ".gamma", ".beta", ".theta",
                            "gate.weight")) for n in plain_names), plain_names
     assert id(model.layers[0].mlp.experts.gate_up_proj) in {id(p) for p in decay["params"]}
     n = sum(len(g["params"]) for opt in (adamw, muon) for g in opt.param_groups)
