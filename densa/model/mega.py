@@ -10,7 +10,8 @@ Design choices (see docs/architecture.md for the reasons and measurements):
   bias needs a float mask, which rules out the fused SDPA kernels, while RoPE keeps `is_causal=True` SDPA usable;
   it is relative, so every chunk sees the same geometry.
 - Multi-head shared Q/K (Megalodon): Z = X'W_z split into heads; q, k = Z ⊙ (κ+1) + μ per head ("+1" scales).
-  `normalized_attention` (default) uses Megalodon's QK-norm: Z / ||Z|| per head, no 1/√d temperature.
+  Default: Mega's silu(Z) with a 1/√d temperature; `normalized_attention` uses Megalodon's QK-norm instead
+  (Z / ||Z|| per head, no temperature). Defaults measured in docs/mixer-options.md.
 - Output: hx + o_proj(γ ⊙ O) with the reset gate γ = silu(X'W_r), and a plain pre-norm residual in the block:
   Megalodon dropped Mega's update gate φ and the SiLU on H because they did not help stability at scale (§3.4).
 
