@@ -279,6 +279,17 @@ def _parse_value(key: str, raw: str, hint: Any) -> Any:
         raise ConfigError(f"--set {key}={raw}: expected {hint.__name__}") from None
 
 
+def read_recipe(recipe: str | Path) -> dict[str, Any]:
+    """A recipe YAML file as a mapping whose sections (`model:`, `train:`) are mappings themselves."""
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict) or not all(isinstance(v, dict | None) for v in doc.values()):
+        raise ConfigError(f"recipe {str(path)!r}: expected a mapping of sections ('model:', 'train:')")
+    return doc
+
+
 def load_config(preset: str | None = None, recipe: str | Path | None = None,
                 overrides: list[str] | None = None) -> ModelConfig:
     """Build a config: preset, then the recipe's `model:` section, then `key=value` overrides.
@@ -287,13 +298,7 @@ def load_config(preset: str | None = None, recipe: str | Path | None = None,
     """
     data: dict[str, Any] = {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} does not exist")
-        doc = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(doc, dict) or not isinstance(doc.get("model", {}), dict):
-            raise ConfigError(f"recipe {str(path)!r}: expected a mapping with a 'model:' section")
-        data = dict(doc.get("model") or {})
+        data = dict(read_recipe(recipe).get("model") or {})
         preset = preset or data.pop("preset", None)
         data.pop("preset", None)
         _reject_unknown(data)

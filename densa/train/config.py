@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from densa.config import ConfigError, ModelConfig, _parse_value, load_config
+from densa.config import ConfigError, ModelConfig, _parse_value, load_config, read_recipe
 
 
 @dataclass(kw_only=True)
@@ -91,11 +89,7 @@ def train_field_names() -> list[str]:
 def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The recipe's model and train configs, with `key=value` overrides applied."""
     path = Path(recipe)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
-    doc = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(doc, dict) or not isinstance(doc.get("train", {}), dict):
-        raise ConfigError(f"recipe {str(path)!r}: expected a mapping with 'model:' and 'train:' sections")
+    doc = read_recipe(path)
     extra = sorted(set(doc) - {"model", "train"})
     if extra:
         raise ConfigError(f"recipe {str(path)!r}: unknown section(s) {extra}; valid: model, train")
