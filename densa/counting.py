@@ -87,11 +87,13 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> FlopsPerTok
         attention = 2 * (Z + V) * mean_keys(T, cfg.attn_chunk_size)
         c = min(cfg.ema_chunk_size, T)
         n = 1 << (2 * c - 1).bit_length()
-        cplx = 4 if cfg.complex_ema else 1  # a complex multiply-add costs 4 real ones
+        # CEMA: the state contractions run as real matmuls over (re, im) pairs (2x the real EMA's work, a real
+        # input times a complex weight); the kernel einsum is complex x complex (4 real multiply-adds each)
+        pairs, cplx = (2, 4) if cfg.complex_ema else (1, 1)
         # state-in and state-out einsums run over the sequence padded to whole chunks; per sequence, the kernel
         # einsum over (D, N, c) and, when the last chunk is partial, the final-state einsum over its r tokens
         padded, r = -(-T // c) * c, T % c
-        ema_state = (2 * 2 * D * N * padded + 2 * D * N * c + 2 * D * N * r) * cplx / T
+        ema_state = ((2 * 2 * D * N * padded + 2 * D * N * r) * pairs + 2 * D * N * c * cplx) / T
         # per chunk of c tokens and channel: rfft(x), pointwise product (n/2+1 complex), irfft; plus rfft(kernel)
         ema_fft = D * (2 * fft_flops(n) + 6 * (n // 2 + 1)) / c + D * fft_flops(n) / T
     return FlopsPerToken(linear=L * (2 * mixer + ffn_flops_per_token(cfg)), attention=L * attention,

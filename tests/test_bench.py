@@ -13,12 +13,19 @@ from densa.config import from_preset
 
 
 def test_attention_bench_keys() -> None:
-    result = attention.run_cases((64,), reps=1)  # one subprocess per layer: a few seconds
-    for key in ("densa_ms", "dense_ms", "densa_peak_mb", "dense_peak_mb"):
+    result = attention.run_cases((64,), reps=1, isolated=False)  # in-process: memory figures may read 0 here
+    for key in ("densa_ms", "dense_ms"):
         assert result[f"{key}_64"] > 0, key
+    for key in ("densa_peak_mb", "dense_peak_mb"):
+        assert result[f"{key}_64"] >= 0, key
     assert result["max_T"] == 64
     assert result["ratio_at_max_T"] == pytest.approx(result["densa_ms_64"] / result["dense_ms_64"], rel=1e-2)
     assert 0.8 < result["densa_params"] / result["dense_params"] < 1.25  # comparable layers
+
+
+def test_attention_case_in_a_fresh_process_measures_memory() -> None:
+    case = attention.measure_isolated("densa", 64, reps=1)  # what `densa bench attention` runs per case
+    assert case["ms"] > 0 and case["peak_mb"] > 0 and case["cpu_util"] > 0
 
 
 def test_attention_bench_rejects_unknown_layer() -> None:

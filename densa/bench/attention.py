@@ -1,9 +1,10 @@
 """`densa bench attention`: forward+backward time and peak memory of ONE sequence-mixer layer vs sequence length.
 
 Choices (docs/benchmarks.md explains them with the measured figures):
-- densa: `MovingAverageGatedAttention` at hidden 384, cpu-small's Mega settings (4 heads, ema_dim 16, chunks of
-  256) with shared_qk_dim 96 and value_dim 384 (= hidden, not Mega's 2·hidden) so its parameter count (654k) is
-  within 11% of the dense layer's (590k); both counts are in the output.
+- densa: `MovingAverageGatedAttention` at hidden 384 with cpu-small's Mega settings and the config defaults (4
+  heads, complex EMA with ema_dim 16, EMA and attention chunks of 256), shared_qk_dim 96 and value_dim 384 (= hidden,
+  not Mega's 2·hidden) so its parameter count (654k) is within 11% of the dense layer's (590k); both counts are in
+  the output.
 - dense: the baseline's `CausalSelfAttention` at hidden 384 (6 heads of 64, no grouping): q/k/v/o projections and
   full causal SDPA, i.e. what every layer of `mixer="attention"` runs.
 - Batch 1, fp32 for both, torch's default thread count (recorded as `threads`). The input requires grad and the
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,7 +54,7 @@ def build_layer(kind: str) -> nn.Module:
 
 
 def _status_kb(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", open("/proc/self/status").read(), re.M).group(1))
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
 def _reset_peak() -> tuple[str, int]:
@@ -61,17 +64,13 @@ def _reset_peak() -> tuple[str, int]:
             f.write("5")  # resets VmHWM (and ru_maxrss) to the current RSS
         return "VmHWM after clear_refs reset", _status_kb("VmRSS")
     except OSError:
-        import resource
-
         return "ru_maxrss increase", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _peak_kb(method: str) -> int:
     if method.startswith("VmHWM"):
         return _status_kb("VmHWM")
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
 
 def measure(kind: str, T: int, reps: int) -> dict[str, float | str]:
@@ -96,7 +95,8 @@ def measure(kind: str, T: int, reps: int) -> dict[str, float | str]:
             times.append(time.perf_counter() - start)
     # CPU seconds per wall second over the timed runs: well below the thread count means the machine was shared
     cpu_util = (time.process_time() - cpu_start) / sum(times)
-    return {"ms": 1000 * statistics.median(times), "peak_mb": (_peak_kb(method) - base_kb) / 1024,
+    peak_mb = max(0, _peak_kb(method) - base_kb) / 1024  # (RSS counters are synced lazily: never below 0)
+    return {"ms": 1000 * statistics.median(times), "peak_mb": peak_mb,
             "params": sum(p.numel() for p in layer.parameters()), "memory_method": method, "cpu_util": cpu_util}
 
 
@@ -109,26 +109,27 @@ def measure_isolated(kind: str, T: int, reps: int) -> dict[str, float | str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_cases(lengths: tuple[int, ...], reps: int) -> dict[str, float | int | str]:
-    """Measure both layers at every length; flat result with per-T keys `{densa,dense}_{ms,peak_mb}_{T}`."""
+def run_cases(lengths: tuple[int, ...], reps: int, isolated: bool = True) -> dict[str, float | int | str]:
+    """Measure both layers at every length; flat result with per-T keys `{densa,dense}_{ms,peak_mb}_{T}`.
+    `isolated=False` runs the cases in this process (fast, for tests; the memory figures then mean little)."""
     result: dict[str, float | int | str] = {"hidden_size": HIDDEN, "batch_size": 1, "dtype": "float32",
                                             "threads": torch.get_num_threads(), "reps": reps}
     for T in lengths:
         for kind in KINDS:
-            case = measure_isolated(kind, T, reps)
+            case = measure_isolated(kind, T, reps) if isolated else measure(kind, T, reps)
             result[f"{kind}_ms_{T}"] = round(case["ms"], 2)
             result[f"{kind}_peak_mb_{T}"] = round(case["peak_mb"], 1)
             result[f"{kind}_params"] = case["params"]
             result["memory_method"] = case["memory_method"]
             print(f"  {kind:5s} T={T:6d}  {case['ms']:9.1f} ms  peak {case['peak_mb']:7.1f} MB  "
                   f"(CPU busy x{case['cpu_util']:.2f} of {result['threads']} threads)", file=sys.stderr, flush=True)
-    T = max(lengths)
+    T, T0 = max(lengths), min(lengths)
     result["max_T"] = T
     result["ratio_at_max_T"] = round(result[f"densa_ms_{T}"] / result[f"dense_ms_{T}"], 4)
-    result["memory_ratio_at_max_T"] = round(result[f"densa_peak_mb_{T}"] / result[f"dense_peak_mb_{T}"], 4)
-    # how densa's time grows: ms per 1k tokens at the largest vs the smallest T (1.0 = exactly linear)
-    result["densa_linearity"] = round(result[f"densa_ms_{T}"] / T * min(lengths) / result[f"densa_ms_{min(lengths)}"],
-                                      3)
+    if result[f"dense_peak_mb_{T}"] > 0:  # (in-process runs may measure no growth at all)
+        result["memory_ratio_at_max_T"] = round(result[f"densa_peak_mb_{T}"] / result[f"dense_peak_mb_{T}"], 4)
+    # densa's ms per token at the largest T over that at the smallest: 1.0 = exactly linear growth
+    result["densa_linearity"] = round((result[f"densa_ms_{T}"] / T) / (result[f"densa_ms_{T0}"] / T0), 3)
     return result
 
 
