@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import time
 from pathlib import Path
 
 BENCHES: dict[str, tuple[str, str]] = {
@@ -27,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     module = importlib.import_module(BENCHES[args.name][0])
-    result = module.run(quick=args.quick)
+    start = time.perf_counter()
+    result = {**module.run(quick=args.quick), "quick": args.quick,
+              "wall_s": round(time.perf_counter() - start, 1)}  # every bench's JSON says how it was run
     text = json.dumps(result, indent=2) + "\n"
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -137,8 +137,4 @@ def run(quick: bool) -> dict[str, float | int | str]:
     lengths, reps = (QUICK_LENGTHS, 3) if quick else (LENGTHS, 5)
     print(f"bench attention: T in {lengths}, {reps} timed reps after 1 warm-up, one subprocess per case",
           file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    result = run_cases(lengths, reps)
-    result["quick"] = quick
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    return result
+    return run_cases(lengths, reps)

@@ -80,8 +80,4 @@ def run(quick: bool) -> dict[str, float | int | str]:
     batch_size, context, steps = (4, 256, 3) if quick else (8, 512, 8)
     print(f"bench train: cpu-small, batch {batch_size}x{context}, {steps} timed steps after 2 warm-up steps",
           file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    result = run_cases(from_preset("cpu-small"), batch_size, context, steps)
-    result["quick"] = quick
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    return result
+    return run_cases(from_preset("cpu-small"), batch_size, context, steps)

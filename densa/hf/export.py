@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import tempfile
@@ -80,8 +81,6 @@ def write_remote_code(folder: Path) -> list[str]:
         flat = _IMPORT.sub(lambda m: f"{m.group(1)}from .{flat_name(m.group(2))} import ", source)
         (folder / f"{flat_name(module)}.py").write_text(flat)
         written.append(flat_name(module))
-    import json
-
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["auto_map"] = {"AutoConfig": "configuration_densa.DensaConfig",
