@@ -19,7 +19,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("densa.commands.train", "train a model from a recipe (model: and train: sections), resumable"),
     "inspect-routing": ("densa.commands.inspect_routing", "print how many FFN experts each token uses per MoE layer"),
     "export": ("densa.hf.export", "export a model as a Hugging Face folder (optionally loadable without densa)"),
-    "bench": ("densa.bench", "micro-benchmarks that print measured ratios (attention, decode)"),
+    "sft": ("densa.commands.sft", "supervised fine-tuning on chat data, loss on assistant tokens only"),
+    "align": ("densa.commands.align", "token-value reinforcement learning (GRPO) or preference tuning"),
+    "eval": ("densa.eval.command", "the Intelligence Density x Token Value report card for one or more models"),
+    "audit": ("densa.eval.audit", "audits of benchmark data, e.g. 13-gram contamination against a corpus"),
+    "serve": ("densa.serve.command", "an OpenAI-compatible HTTP server with streaming, batching and metering"),
+    "moefy": ("densa.commands.moefy", "convert a dense Llama-architecture model into dynamic experts"),
+    "bench": ("densa.bench", "micro-benchmarks that print measured ratios (attention, decode, moe, train, serve)"),
+    "study": ("densa.study", "studies that test densa's claims at equal compute and write their evidence"),
 }
 
 EPILOG = """\

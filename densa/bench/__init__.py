@@ -17,6 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "decode": ("densa.bench.decode", "ms per generated token vs context length: densa, dense, transformers Llama"),
     "train": ("densa.bench.train", "training tokens/s and MFU: densa, dense baseline, transformers Llama"),
     "moe": ("densa.bench.moe", "one MoE layer, forward+backward: densa dispatch vs transformers Mixtral vs dense"),
+    "serve": ("densa.bench.serve", "a live `densa serve`: tokens/s, TTFT and ms/token at concurrency 1, 4 and 8"),
 }
 
 
