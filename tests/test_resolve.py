@@ -77,3 +77,19 @@ def test_tokenizer_larger_than_vocabulary_is_refused(tmp_path):
     train_tokenizer([text], vocab_size=300).save_pretrained(str(tmp_path / "ck"))
     with pytest.raises(ValueError, match="tokenizer has 300 entries but the model's vocabulary is 256"):
         resolve(str(tmp_path / "ck"))
+
+
+def test_training_run_folder_resolves_to_its_latest_checkpoint(tmp_path):
+    from densa.train.state import save_training_checkpoint
+
+    model = tiny_model()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="without a complete checkpoint"):
+        resolve(str(run))
+    for step in (1, 2):
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)  # each checkpoint holds different weights
+        save_training_checkpoint(run / "checkpoints", step, model, {"step": step}, keep_last=2)
+    resolved = resolve(str(run))
+    assert torch.equal(resolved.model.lm_head.weight, model.lm_head.weight)  # step 2, the latest

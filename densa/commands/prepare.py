@@ -7,6 +7,7 @@ import time
 
 from densa.data.corpora import EMBEDDED
 from densa.data.prepare import prepare
+from densa.data.reference import score_reference
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share held out for validation when the corpus has no held-out files of its own")
     parser.add_argument("--max-docs", type=int, default=None, metavar="K", help="use at most K documents per split")
     parser.add_argument("--shard-tokens", type=int, default=1 << 26, metavar="N", help="tokens per shard file")
+    parser.add_argument("--reference", metavar="MODEL", default=None,
+                        help="also score every training token with this reference model (any MODEL with the same "
+                             "tokenizer) into train-*.refloss.bin, for train.token_selection=rho1 and "
+                             "train.curriculum=value (docs/high-value-tokens.md)")
+    parser.add_argument("--reference-context", type=int, default=256, metavar="T",
+                        help="tokens of context the reference model sees (windows of T+1 tokens)")
+    parser.add_argument("--reference-batch", type=int, default=16, metavar="B", help="windows per reference forward")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -27,4 +35,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"{name:<6} {split['documents']:>7,} documents {split['tokens']:>12,} tokens {split['bytes']:>13,} "
               f"bytes in {len(split['files'])} file(s)")
     print(f"split: {manifest['split_rule']}")
+    if args.reference:
+        manifest = score_reference(args.out, args.reference, args.reference_context, args.reference_batch)
+        ref = manifest["reference"]
+        print(f"reference {ref['model']}: mean loss {ref['mean_loss']:.4f} nats/token over {ref['scored_tokens']:,} "
+              f"tokens, {ref['scoring_flops']:.3g} FLOPs")
     print(f"wrote {args.out}/manifest.json in {time.perf_counter() - start:.1f}s")

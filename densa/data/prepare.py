@@ -5,6 +5,8 @@ Output folder:
     valid-00000.bin ...
     tokenizer/            a copy of the tokenizer files used
     manifest.json         written last: files, sha256, token/document/byte counts, tokenizer hash, split rule
+    train-00000.refloss.bin ...  with `--reference MODEL` only: the reference model's float16 loss of every train
+                          token, and a `reference` manifest section (densa/data/reference.py)
 
 Every document is followed by the EOS token. The same inputs give byte-identical output (no timestamps, fixed order).
 
@@ -111,6 +113,14 @@ def prepare(corpus: str, tokenizer_dir: str | Path, out: str | Path, valid_fract
         raise ValueError(f"--valid-fraction={valid_fraction}: must be in (0, 1)")
     if shard_tokens < 1:
         raise ValueError(f"--shard-tokens={shard_tokens}: must be >= 1")
+    train, valid, rule = split_documents(corpus, valid_fraction, max_docs)
+    return prepare_documents(train, valid, tokenizer_dir, out, corpus, rule, shard_tokens)
+
+
+def prepare_documents(train: list[str], valid: list[str], tokenizer_dir: str | Path, out: str | Path, corpus: str,
+                      rule: str, shard_tokens: int = 1 << 26) -> dict:
+    """Tokenize already split documents into shards under `out` (what `prepare` does after splitting; studies call it
+    directly to hold out text of their own choosing, e.g. clean validation text for a noise-injected corpus)."""
     tokenizer_dir = Path(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.eos_token_id is None:
@@ -120,9 +130,8 @@ def prepare(corpus: str, tokenizer_dir: str | Path, out: str | Path, valid_fract
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a folder without a manifest is never taken as prepared
-    for old in list(out.glob("train-*.bin")) + list(out.glob("valid-*.bin")):
+    for old in list(out.glob("train-*.bin")) + list(out.glob("valid-*.bin")):  # also stale *.refloss.bin
         old.unlink()
-    train, valid, rule = split_documents(corpus, valid_fraction, max_docs)
     if not any(train) or not any(valid):
         raise ValueError(f"corpus {corpus!r}: the split left no training or no validation text")
     (out / "tokenizer").mkdir(exist_ok=True)
@@ -143,10 +152,15 @@ def prepare(corpus: str, tokenizer_dir: str | Path, out: str | Path, valid_fract
             "valid": write_split(valid, tokenizer, tokenizer.eos_token_id, dtype, out, "valid", shard_tokens),
         },
     }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Write `out/manifest.json` atomically (temporary file, then rename)."""
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(out / MANIFEST)
-    return manifest
 
 
 def load_manifest(data_dir: str | Path) -> dict:

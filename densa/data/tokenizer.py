@@ -26,13 +26,16 @@ CHAT_TEMPLATE = (
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE of `vocab_size` entries (special tokens included) on `texts`."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, individual_digits: bool = False) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE of `vocab_size` entries (special tokens included) on `texts`. `individual_digits` splits
+    numbers into single digits before BPE (arithmetic tasks: every number is spelled the same way)."""
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size={vocab_size}: must be >= {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} "
                          "special tokens)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if individual_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -65,8 +65,9 @@ class Experts(nn.Module):
         order_S = ids_S.argsort(stable=True)  # sort the (token, slot) pairs by expert, once
         counts_E = torch.bincount(ids_S, minlength=E)[:E]
         n = int(counts_E.sum())  # host sync: the number of FFN pairs; the ZC pairs at the tail are dropped
-        if n == 0:
-            return torch.zeros_like(x_TD)
+        if n == 0:  # still touch the weights (a zero gradient), so that under DDP / FSDP2 a rank whose tokens all
+            # skipped the FFN experts joins their gradient reduction like the others (training.md §4, pitfall 5)
+            return torch.zeros_like(x_TD) + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())
         order_S = order_S[:n]
         tok_S = order_S // K
         # index_select, not x_TD[tok_S]: the advanced-index backward (index_put with accumulate) took ~8x longer

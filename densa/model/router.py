@@ -3,7 +3,8 @@
 - `BudgetRouter` (ffn="moe", densa's dynamic MoE; moe.md §5): token-choice top-K over a pool of E FFN experts
   followed by Z zero-computation (ZC) experts, null ones first, then identity ones (LongCat / vLLM layout: ids >= E
   are ZC). Sigmoid scores (DeepSeek-V3). Two biases steer *selection only*; the gate weights come from the unbiased
-  scores, normalised over the selected experts that compute (FFN and identity; a null slot weighs 0):
+  scores, normalised over the selected experts that compute (FFN and identity; a null slot weighs 0), or with
+  `moe_gate_weights="unit"` exactly 1 each (a FFN split by `densa moefy` is the plain sum of its experts):
   * `zc_bias`, one scalar per layer on every ZC expert, is the compute-budget controller (LongCat-Flash, DTop-p):
     each step it moves a fraction α of the way to the bias at which the step's batch would have used exactly
     `target_active_experts` FFN experts per token, lowered where needed so that at most `max_all_null_rate` of the
@@ -132,6 +133,7 @@ class BudgetRouter(nn.Module):
         self.budget_rate, self.balance_rate = cfg.budget_update_rate, cfg.balance_update_rate
         self.max_all_null = cfg.max_all_null_rate
         self.z_loss_coef, self.seq_balance_coef = cfg.router_z_loss_coef, cfg.seq_balance_loss_coef
+        self.unit_weights = cfg.moe_gate_weights == "unit"
         X = cfg.num_experts + self.num_null + self.num_identity
         self.weight = nn.Parameter(torch.empty(X, cfg.hidden_size))  # rows: FFN, null, identity experts
         # routing state, saved with the checkpoint (inference routes with it); identical on every rank
@@ -152,6 +154,8 @@ class BudgetRouter(nn.Module):
             self._propose_budget(torch.cat([sel_TX[:, :E], scores_TX[:, E:]], dim=-1))
         computes_TK = (ids_TK < E) | (ids_TK >= E + self.num_null)  # FFN or identity: not null
         top_TK = scores_TX.gather(-1, ids_TK) * computes_TK
+        if self.unit_weights:  # exactly 1 (x / x) in the forward; the router still gets d loss / d score / score
+            return Routing(ids_TK, top_TK / top_TK.detach().clamp_min(1e-12), logits_TX, scores_TX)
         weights_TK = top_TK / top_TK.sum(-1, keepdim=True).clamp_min(1e-12)  # an all-null token gets all zeros
         return Routing(ids_TK, weights_TK, logits_TX, scores_TX)
 

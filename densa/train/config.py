@@ -46,6 +46,13 @@ class TrainConfig:
     checkpoint_interval: int = 500  # steps between checkpoints (and one at the end)
     keep_last: int = 3  # checkpoints kept
     max_nan_steps: int = 5  # consecutive NaN/inf steps that stop the run
+    # high-value tokens (docs/high-value-tokens.md); both need data scored with `densa prepare ... --reference MODEL`
+    token_selection: Literal["none", "rho1"] = "none"  # rho1: loss on the top select_fraction of tokens by excess loss
+    select_fraction: float = 0.6  # share of each micro-batch's tokens that rho1 keeps
+    curriculum: Literal["none", "value"] = "none"  # value: the run's windows in ascending document value
+    # under torchrun: auto = ddp with more than one process; fsdp2 = fully_shard per block (densa/train/distributed.py)
+    distributed: Literal["auto", "none", "ddp", "fsdp2"] = "auto"
+    tensorboard: bool = True  # also log scalars to OUT/tb when the tensorboard package is installed
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -74,6 +81,8 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0")
+        if not 0 < self.select_fraction <= 1:
+            raise ConfigError(f"train.select_fraction={self.select_fraction}: must be in (0, 1]")
         if not self.data:
             raise ConfigError("train.data is not set: name the folder written by `densa prepare` "
                               "(in the recipe or with --set train.data=DIR)")

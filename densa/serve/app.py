@@ -1,0 +1,134 @@
+"""The HTTP side of `densa serve`: a FastAPI app speaking the OpenAI API in front of the batching engine.
+
+Routes: POST /v1/completions and /v1/chat/completions (both with `stream: true` as server-sent events;
+densa/serve/handlers.py), GET /v1/models, GET /health, GET /metrics (Prometheus text), and vLLM's POST /tokenize,
+POST /detokenize and GET /tokenizer_info, through which lm-eval's `local-completions` model tokenizes with the
+server's own tokenizer. Every error is OpenAI's body with a 4xx (or, for a bug, 500) status.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from densa.model.model import DensaModel
+from densa.serve.engine import Engine
+from densa.serve.handlers import OpenAIHandlers, ServeConfig, TextCodec
+from densa.serve.metrics import ServerMetrics
+from densa.serve.protocol import APIError, DetokenizeRequest, TokenizeRequest, parse_body
+
+__all__ = ["ServeConfig", "build_app"]
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+          "/detokenize", "/tokenizer_info")
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+class Guard:
+    """ASGI middleware: the bearer-key check and per-route request counting. A pure ASGI layer (not Starlette's
+    BaseHTTPMiddleware), so streaming responses and client disconnects pass through untouched."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
+        if self.expected is not None and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):  # constant time
+                self.metrics.count_request(route, 401)
+                error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                 "authentication_error", code="invalid_api_key")
+                return await error_response(error)(scope, receive, send)
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.count_request(route, status)
+
+
+def build_app(model: DensaModel, tokenizer: Any, cfg: ServeConfig) -> FastAPI:
+    """The server for one model. The engine thread starts and stops with the app's lifespan."""
+    metrics = ServerMetrics()
+    engine = Engine(model, metrics, max_batch=cfg.max_batch, max_queue=cfg.max_queue, usd_per_hour=cfg.usd_per_hour)
+    codec = TextCodec(tokenizer)
+    handlers = OpenAIHandlers(engine, codec, cfg, model.config.vocab_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="densa serve", lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, cfg
+    app.add_api_route("/v1/completions", handlers.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", handlers.chat, methods=["POST"])
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: HTTPRequest, exc: Exception) -> JSONResponse:
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": cfg.model_name, "active": engine.active, "queue_depth": engine.queue_depth}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(engine.queue_depth, engine.active, cfg.max_batch),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "densa", "max_model_len": cfg.context}]}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        tok = codec.tok
+        return {"eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+                "chat_template": getattr(tok, "chat_template", None), "model_max_length": cfg.context}
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest) -> dict:
+        body = parse_body(await request.body(), TokenizeRequest)
+        tokens = codec.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": cfg.context}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest) -> dict:
+        body = parse_body(await request.body(), DetokenizeRequest)
+        handlers.check_ids(body.tokens, "tokens")
+        return {"prompt": codec.decode(body.tokens, skip_special_tokens=False)}
+
+    app.add_middleware(Guard, api_key=cfg.api_key, metrics=metrics)
+    return app

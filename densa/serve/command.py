@@ -1,0 +1,116 @@
+"""`densa serve MODEL`: serve any model the resolver accepts over the OpenAI API (docs/serving.md).
+
+Binds 127.0.0.1 unless told otherwise: exposing a model to a network is a decision the user makes with --host,
+ideally together with --api-key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from densa.cost import HARDWARE_USD_PER_HOUR, usd_per_hour
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a densa checkpoint or export dir, an HF Llama dir, a .gguf "
+                        "file or the alias smollm2-135m")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the "
+                        "network")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (printed at start)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health; "
+                        "without it the DENSA_API_KEY environment variable is used, and without that no key")
+    parser.add_argument("--served-model-name", help="the model id clients send; None = the MODEL argument's "
+                        "last path component")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory; None = the model's own")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a batch slot before new "
+                        "ones get 429")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per-request limit in seconds, queueing "
+                        "included; past it the request ends with 408")
+    parser.add_argument("--context", type=int, help="prompt + completion tokens per request; None = the "
+                        "model's max_position_embeddings")
+    parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    parser.add_argument("--hardware", default="cpu-2core", choices=list(HARDWARE_USD_PER_HOUR),
+                        help="hardware whose list price meters each request's $ cost (densa/cost.py)")
+    parser.add_argument("--usd-per-hour", type=float, help="hardware price per hour; overrides --hardware")
+    parser.add_argument("--threads", type=int, help="torch CPU threads; None = torch's choice")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                        help="uvicorn log level (info logs every request)")
+
+
+def main(args: argparse.Namespace) -> None:
+    import torch
+
+    from densa.data.tokenizer import load_tokenizer
+    from densa.resolve import resolve
+    from densa.serve.app import ServeConfig, build_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for flag in ("max_batch", "max_queue", "max_tokens_limit"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+    if not 0 <= args.port <= 65535:  # socket.bind would raise OverflowError, a traceback rather than a message
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.context is not None and args.context < 2:
+        raise ValueError(f"--context must be >= 2 (a prompt token and a completion token), got {args.context}")
+    resolved = resolve(args.model)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else resolved.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{args.model} ships no tokenizer; pass --tokenizer DIR")
+    context = args.context or resolved.model.config.max_position_embeddings
+    api_key = args.api_key or os.environ.get("DENSA_API_KEY") or None  # not a flag default: --help would print it
+    cfg = ServeConfig(model_name=args.served_model_name or Path(args.model.rstrip("/")).name, api_key=api_key,
+                      max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
+                      max_tokens_limit=args.max_tokens_limit, context=context,
+                      usd_per_hour=usd_per_hour(args.hardware, args.usd_per_hour), hardware=args.hardware)
+    app = build_app(resolved.model, tokenizer, cfg)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    key = ", API key required" if cfg.api_key else ""
+    print(f"densa serve: {cfg.model_name!r} on http://{host}:{port}/v1 (batch {cfg.max_batch}, queue "
+          f"{cfg.max_queue}, context {cfg.context}, ${cfg.usd_per_hour}/h{key})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: a free port), bound before uvicorn starts so the real port is known."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+class BackgroundServer:
+    """Run an app on 127.0.0.1 in a thread (tests, benchmarks): `with BackgroundServer(app) as url: ...`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = bind(host, port)
+        self.url = "http://{}:{}".format(*self.sock.getsockname()[:2])
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
