@@ -245,6 +245,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # per token on average, 2 null + 2 identity experts so a token may skip the FFN)
 PRESETS["tiny-moe"] = dict(PRESETS["tiny"], ffn="moe", num_experts=16, num_experts_per_tok=4, num_null_experts=2,
                            num_identity_experts=2, target_active_experts=3.0)
+# the whole recipe at CPU scale: Mega mixer + the same dynamic MoE proportions, the combination the iso-FLOP ablations
+# found best (docs/iso-flop.md); `densa quickstart` trains exactly this against the dense baseline
+PRESETS["cpu-small-moe"] = dict(PRESETS["cpu-small"], ffn="moe", num_experts=16, num_experts_per_tok=4,
+                                num_null_experts=2, num_identity_experts=2, target_active_experts=3.0)
 
 
 def from_preset(name: str, **overrides: Any) -> ModelConfig:

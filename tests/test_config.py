@@ -15,7 +15,8 @@ def test_json_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "low", "high"), [("tiny", 0, 1e6), ("cpu-small", 5e6, 10e6),
-                                                   ("cpu-base", 25e6, 35e6), ("gpu-1b", 0.9e9, 1.4e9)])
+                                                   ("cpu-base", 25e6, 35e6), ("gpu-1b", 0.9e9, 1.4e9),
+                                                   ("cpu-small-moe", 15e6, 20e6)])
 def test_preset_sizes(name, low, high):
     import torch
 
@@ -81,3 +82,9 @@ def test_shipped_recipes_build():
 
 def test_presets_are_plain_data():
     assert all(isinstance(v, dict) for v in PRESETS.values())
+
+
+def test_cpu_small_moe_is_what_quickstart_trains():
+    from densa.quickstart import DENSA_FFN
+
+    assert from_preset("cpu-small-moe") == from_preset("cpu-small", **DENSA_FFN)
