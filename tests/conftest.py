@@ -40,3 +40,36 @@ def variant(request) -> dict:
 def tiny_model(**overrides) -> DensaModel:
     torch.manual_seed(0)
     return DensaModel(from_preset("tiny", **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast and deterministic, and on a shared 2-core machine OpenMP's spin-waiting
+    made two threads up to 100x slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def prepared_shakespeare(root, chars: int, documents: int = 1, **prepare_kwargs):
+    """The first `chars` characters of tiny-shakespeare as a corpus of `documents` equal documents (JSONL when more
+    than one), a 300-entry tokenizer trained on it (root/tok), and its token shards (root/data, returned)."""
+    import json
+
+    from densa.data.corpora import corpus_texts
+    from densa.data.prepare import prepare
+    from densa.data.tokenizer import train_tokenizer
+
+    text = next(corpus_texts("tinyshakespeare"))[:chars]
+    if documents == 1:
+        corpus = root / "corpus.txt"
+        corpus.write_text(text)
+    else:
+        step = len(text) // documents
+        corpus = root / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": text[i * step:(i + 1) * step]}) + "\n"
+                                  for i in range(documents)))
+    train_tokenizer([text], 300).save_pretrained(str(root / "tok"))
+    prepare(str(corpus), root / "tok", root / "data", **prepare_kwargs)
+    return root / "data"

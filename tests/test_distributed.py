@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import prepared_shakespeare
 
 from densa.config import from_preset
-from densa.data.corpora import corpus_texts
-from densa.data.prepare import prepare
 from densa.data.pretrain import PretrainLoader
-from densa.data.tokenizer import train_tokenizer
 from densa.train import distributed
 from densa.train.loop import METRICS, train
 from densa.train.state import STATE_FILE
@@ -39,11 +37,7 @@ BUDGET = 1e-2
 @pytest.fixture(scope="module")
 def session(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("distributed")
-    text = next(corpus_texts("tinyshakespeare"))[:30_000]
-    train_tokenizer([text], 300).save_pretrained(str(root / "tok"))
-    (root / "corpus.txt").write_text(text)
-    data = root / "data"
-    prepare(str(root / "corpus.txt"), root / "tok", data)
+    data = prepared_shakespeare(root, 30_000)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     single = {}
@@ -66,10 +60,7 @@ def session(tmp_path_factory) -> dict:
 
 
 def test_loader_ranks_split_the_single_process_batch(tmp_path):
-    text = next(corpus_texts("tinyshakespeare"))[:8_000]
-    train_tokenizer([text], 300).save_pretrained(str(tmp_path / "tok"))
-    (tmp_path / "c.txt").write_text(text)
-    prepare(str(tmp_path / "c.txt"), tmp_path / "tok", tmp_path / "data")
+    prepared_shakespeare(tmp_path, 8_000)
     for mode in ("random", "sequential"):
         whole = PretrainLoader(tmp_path / "data", "train", 6, 16, seed=3, mode=mode)
         parts = [PretrainLoader(tmp_path / "data", "train", 6, 16, seed=3, mode=mode, rank=r, world_size=3)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prepared_shakespeare
 
 from densa.checkpoint import save_checkpoint
 from densa.cli import main as cli_main
@@ -18,7 +19,6 @@ from densa.data.noise import BOILERPLATE, NoiseConfig, inject_noise, inject_nois
 from densa.data.prepare import load_manifest, prepare, sha256_file
 from densa.data.pretrain import PretrainLoader, TokenStream, document_token_values
 from densa.data.reference import reference_cost, score_reference
-from densa.data.tokenizer import train_tokenizer
 from densa.model.model import DensaModel
 from densa.study import high_value_tokens as study
 from densa.train.config import TrainConfig
@@ -29,12 +29,7 @@ PEAK = 1e11
 CONTEXT = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_model() -> DensaModel:
@@ -46,12 +41,7 @@ def reference_model() -> DensaModel:
 def scored(tmp_path_factory) -> Path:
     """40 documents of tiny-shakespeare in shards of 5,000 tokens, scored by a random tiny reference model."""
     root = tmp_path_factory.mktemp("hvt")
-    text = next(corpus_texts("tinyshakespeare"))[:60_000]
-    step = len(text) // 40
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": text[i * step:(i + 1) * step]}) + "\n" for i in range(40)))
-    train_tokenizer([text], 300).save_pretrained(str(root / "tok"))
-    prepare(str(corpus), root / "tok", root / "data", shard_tokens=5_000)
+    prepared_shakespeare(root, 60_000, documents=40, shard_tokens=5_000)
     score_reference(root / "data", reference_model(), context=CONTEXT, batch_size=16, training_flops=1e6,
                     progress=False)
     return root

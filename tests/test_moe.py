@@ -17,15 +17,7 @@ from densa.model.model import DensaModel
 from densa.model.moe import MoE, moe_reference
 from densa.model.router import zc_thresholds
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is as fast and deterministic, and on a shared 2-core machine OpenMP's
-    spin-waiting made two threads up to 100x slower (60 routing steps: 20 s against 0.15 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 60 routing steps: 20 s on two spinning threads, 0.15 s on one
 
 
 def moe_layer(preset: str = "tiny-moe", **overrides) -> MoE:

@@ -5,13 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import prepared_shakespeare
 
 from densa.checkpoint import load_model
 from densa.cli import main as cli_main
 from densa.config import ConfigError, from_preset
-from densa.data.corpora import corpus_texts
-from densa.data.prepare import prepare
-from densa.data.tokenizer import train_tokenizer
 from densa.model.model import DensaModel
 from densa.resolve import resolve
 from densa.train import state as state_module
@@ -24,22 +22,12 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 PEAK = 1e11  # a fixed MFU denominator: tests do not benchmark the machine
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    text = next(corpus_texts("tinyshakespeare"))[:60_000]
-    train_tokenizer([text], 300).save_pretrained(str(root / "tok"))
-    (root / "corpus.txt").write_text(text)
-    prepare(str(root / "corpus.txt"), root / "tok", root / "data")
-    return root / "data"
+    return prepared_shakespeare(tmp_path_factory.mktemp("train-data"), 60_000)
 
 
 def config(data: Path, **changes) -> TrainConfig:

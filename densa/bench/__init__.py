@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import time
-from pathlib import Path
+
+from densa.report.flat import emit
 
 BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("densa.bench.attention", "one mixer layer, forward+backward: densa vs full causal attention"),
@@ -32,10 +32,4 @@ def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result = {**module.run(quick=args.quick), "quick": args.quick,
               "wall_s": round(time.perf_counter() - start, 1)}  # every bench's JSON says how it was run
-    text = json.dumps(result, indent=2) + "\n"
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
-        print(f"wrote {args.json}")
-    else:
-        print(text, end="")
+    emit(result, args.json)

@@ -1,9 +1,3 @@
-"""Reports for people: one document model rendered as Markdown and as self-contained HTML, and Pareto plots.
-
-Used by `densa quickstart` (report.md / report.html) and `densa study iso-flop` (its plots).
-"""
-
-from densa.report.document import Document, Image, Paragraph, Table
-from densa.report.pareto import pareto_front
-
-__all__ = ["Document", "Image", "Paragraph", "Table", "pareto_front"]
+"""Reports for people and machines: one document model rendered as Markdown and self-contained HTML (document.py),
+Pareto plots (pareto.py, imports matplotlib), the quickstart report (quickstart.py), and the flat JSON of figures
+that `densa bench` / `densa study` write (flat.py). Import the module you need; this package imports nothing."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import time
 from pathlib import Path
+
+from densa.report.flat import emit
 
 STUDIES: dict[str, tuple[str, str]] = {
     "high-value-tokens": ("densa.study.high_value_tokens",
@@ -42,11 +43,4 @@ def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result = {**module.run(args, out), "study": args.name, "quick": args.quick,
               "wall_s": round(time.perf_counter() - start, 1)}
-    text = json.dumps(result, indent=2) + "\n"
-    (out / "summary.json").write_text(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
-        print(f"wrote {args.json}")
-    else:
-        print(text, end="")
+    (out / "summary.json").write_text(emit(result, args.json))
