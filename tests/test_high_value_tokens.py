@@ -21,6 +21,7 @@ from densa.data.pretrain import PretrainLoader, TokenStream, document_token_valu
 from densa.data.reference import reference_cost, score_reference
 from densa.model.model import DensaModel
 from densa.study import high_value_tokens as study
+from densa.study.stats import first_crossing, mean_ci
 from densa.train.config import TrainConfig
 from densa.train.loop import METRICS, train
 from densa.train.selection import rho1_objective, select_tokens, select_tokens_reference, selective_loss, token_losses
@@ -245,11 +246,11 @@ def test_noise_generator_is_seeded_and_keeps_the_clean_text():
 
 def test_flops_to_reach_and_interval():
     points = [(1.0, 5.0), (2.0, 4.0), (3.0, 3.0)]
-    assert study.flops_to_reach(points, 3.5) == pytest.approx(2.5)
-    assert study.flops_to_reach(points, 6.0) == 1.0 and study.flops_to_reach(points, 2.9) is None
-    mean, low, high = study.mean_ci([1.0, 2.0, 3.0])
+    assert first_crossing(points, 3.5) == pytest.approx(2.5)
+    assert first_crossing(points, 6.0) == 1.0 and first_crossing(points, 2.9) is None
+    mean, low, high = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and high - mean == pytest.approx(4.302653 * 1 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2)
-    assert study.mean_ci([1.5]) == (1.5, None, None)
+    assert mean_ci([1.5]) == (1.5, None, None)
     curves = {c: {"uniform": [[(1.0, 5.0), (2.0, 4.0)]] * 2,
                   "selective": [[(1.5, 4.5), (2.0, 3.5)], [(1.5, 3.9), (2.0, 3.8)]],
                   "curriculum": [[(1.5, 4.5), (2.0, 4.2)]] * 2} for c in study.CORPORA}

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import statistics
 import tempfile
@@ -51,6 +50,7 @@ from densa.data.pretrain import PretrainLoader
 from densa.data.reference import reference_cost, score_reference
 from densa.data.tokenizer import load_tokenizer, train_tokenizer
 from densa.model.model import DensaModel
+from densa.study.stats import first_crossing, mean_ci
 from densa.train.config import TrainConfig
 from densa.train.loop import METRICS, train
 from densa.train.selection import select_tokens, token_losses
@@ -146,28 +146,6 @@ def curve(run: Path) -> list[tuple[float, float]]:
 # --------------------------------------------------------------------------- analysis
 
 
-def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
-    """FLOPs at which the curve first reaches `target` (linear interpolation between evaluations), or None."""
-    previous = None
-    for flops, loss in points:
-        if loss <= target:
-            if previous is None:
-                return flops
-            f0, l0 = previous
-            return f0 + (l0 - target) / (l0 - loss) * (flops - f0)
-        previous = (flops, loss)
-    return None
-
-
-def mean_ci(values: list[float]) -> tuple[float, float | None, float | None]:
-    """Mean and the t 95% interval over seeds (no interval from one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None, None
-    half = scipy_stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def r6(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
@@ -181,7 +159,7 @@ def summarise(curves: dict, budget: float, offsets: dict[str, float], seeds: int
         for method in METHODS[1:]:
             key = f"{corpus}_{method}"
             finals = [curves[corpus][method][s][-1][1] for s in range(seeds)]
-            ratios = [flops_to_reach(curves[corpus][method][s], uniform_final[s]) for s in range(seeds)]
+            ratios = [first_crossing(curves[corpus][method][s], uniform_final[s]) for s in range(seeds)]
             ratios = [None if r is None else r / budget for r in ratios]
             out[f"{key}_final_val_loss"] = r6(statistics.fmean(finals))
             reached = [r for r in ratios if r is not None]

@@ -7,47 +7,21 @@ and tested on synthetic curves.
 
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scipy import stats as scipy_stats
+from densa.study.stats import first_crossing, mean_ci
 
 if TYPE_CHECKING:
     from densa.study.iso_flop import StudyConfig
 
 # ------------------------------------------------------------------------------------------------- analysis
 
-def first_crossing(curve: list[list[float]], target: float) -> float | None:
-    """Training FLOPs at which a validation curve [(flops, loss, ...), ...] first reaches `target` loss, linearly
-    interpolated between the last evaluation above it and the first at or below it (the first evaluation itself when
-    it is already below); None when it never does."""
-    previous = None
-    for point in curve:
-        flops, loss = point[0], point[1]
-        if loss <= target:
-            if previous is None:
-                return flops
-            f0, l0 = previous
-            return f0 + (flops - f0) * (l0 - target) / (l0 - loss)
-        previous = (flops, loss)
-    return None
-
-
 def flops_to_reach(curves: list[list[list[float]]], target: float) -> float | None:
     """The fewest training FLOPs at which any of these runs (one variant, one seed, every budget) reaches `target`."""
     hits = [f for f in (first_crossing(c, target) for c in curves) if f is not None]
     return min(hits) if hits else None
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
-    """Mean and its Student-t confidence interval (None for a single value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None, None
-    half = scipy_stats.t.ppf((1 + level) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def loss_ratios(records: list[dict], variant: str, budget_index: int) -> dict:

@@ -39,6 +39,7 @@ from densa.align.policy import load_policy
 from densa.align.problems import heldout_and_ood, messages
 from densa.align.sft import run_sft
 from densa.config import ConfigError, read_recipe
+from densa.study.stats import mean_ci
 
 ARMS = ("sft", "rl_correct", "rl_tv", "truncation")
 LABELS = {"sft": "SFT", "rl_correct": "RL, correctness only", "rl_tv": "RL, token value", "truncation": "SFT truncated"}
@@ -183,18 +184,13 @@ def _seed_intervals(rl: list[dict[str, Any]], sft: list[dict[str, Any]]) -> dict
     """Student-t 95% intervals of token_reduction and accuracy_delta over seeds (one paired value per seed). The item
     bootstrap above holds each seed's RL run fixed, so it misses how much the RL outcome itself varies between seeds;
     this interval does not (and is wide with 3 seeds). None with a single seed."""
-    from scipy import stats as scipy_stats
-
     pairs = [(_item_arrays(a), _item_arrays(b)) for a, b in zip(rl, sft, strict=True)]
     red = [1 - n1.mean() / n0.mean() for (_, n1, _), (_, n0, _) in pairs]
     delta = [100 * (c1.mean() - c0.mean()) for (c1, _, _), (c0, _, _) in pairs]
     out: dict[str, list[float | None]] = {}
     for key, values in (("token_reduction", red), ("accuracy_delta", delta)):
-        if len(values) < 2:
-            out[key] = [None, None]
-            continue
-        half = float(scipy_stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
-        out[key] = [float(np.mean(values)) - half, float(np.mean(values)) + half]
+        _, low, high = mean_ci([float(v) for v in values])
+        out[key] = [low, high]
     return out
 
 
