@@ -1,4 +1,4 @@
-"""The `densa` command: a table of subcommands (PRODUCT.md fixes their names).
+"""The `densa` command: a table of subcommands, whose names are fixed (docs/design-notes.md, 'Command names').
 
 Each command lives in a module with `add_arguments(parser)` and `main(args)`; this file only wires them up and
 turns errors into one line on stderr with a non-zero exit. Modules are imported lazily so `densa --help` is fast.

@@ -4,7 +4,8 @@ Layering (each step only overrides fields of the one before):
     preset (PRESETS[name])  ->  recipe YAML (`model:` section)  ->  `--set key=value` on the command line
 
 Field names follow Hugging Face (`hidden_size`, `num_hidden_layers`, ...) so the HF mapping is the identity;
-Mega fields (`ema_dim`, `attn_chunk_size`, `shared_qk_dim`, ...) follow mega.md.
+Mega fields (`ema_dim`, `attn_chunk_size`, `shared_qk_dim`, ...) carry the Mega paper's symbols h, c, z, v in their
+comments (arXiv:2209.10655 §3; docs/architecture.md, 'The Mega mixer').
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-Mixer = Literal["mega", "attention"]
+Mixer = Literal["mega", "attention", "deltanet"]
 Ffn = Literal["swiglu", "moe", "topk_moe"]
 GateWeights = Literal["normalized", "unit"]
 
@@ -43,23 +44,32 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
-    mixer: Mixer = "mega"  # "mega": EMA + chunked gated attention; "attention": Llama-style full causal SDPA
+    mixer: Mixer = "mega"  # "mega": EMA + chunked gated attention; "attention": Llama-style full causal SDPA;
+    # "deltanet": the gated delta rule (Gated DeltaNet), a constant-size state per head
+    attention_every: int = 0  # hybrid layout: layers k, 2k, 3k, ... (1-based) use full attention; 0 = none
     ffn: Ffn = "swiglu"  # "swiglu": dense; "moe": densa's dynamic MoE; "topk_moe": top-k softmax MoE (docs/moe.md)
 
-    # --- Mega sequence mixer (mega.md §2-§4) ---
+    # --- Mega sequence mixer (docs/architecture.md, 'The Mega mixer') ---
     ema_dim: int = 16  # h: EMA state size per channel
     ema_chunk_size: int = 256  # EMA training path runs in chunks of this length (memory O(d*h*chunk), not d*h*L)
     attn_chunk_size: int = 256  # c: attention only inside chunks of c tokens
     shared_qk_dim: int = 64  # z: shared Q/K dimension (all heads together)
     value_dim: int = 512  # v: value dimension (all heads together); Mega uses 2*hidden
-    # Megalodon refinements (mega.md §4); defaults chosen by the measurement in docs/mixer-options.md
+    # Megalodon refinements (docs/architecture.md, 'Megalodon refinements (config options)'); defaults chosen by
+    # the measurement in docs/mixer-options.md
     complex_ema: bool = True  # CEMA: rotate the EMA state by a learned per-channel phase
     timestep_norm: bool = False  # causal cumulative group norm before the mixer instead of RMSNorm
     timestep_norm_groups: int = 16
     normalized_attention: bool = False  # QK-norm: z / ||z|| per head with learned scale, no 1/sqrt(d)
     two_hop_residual: bool = False  # FFN residual is the block input, not the mixer output
 
-    # --- mixture-of-experts FFN, ffn="moe" or "topk_moe" (docs/moe.md; design moe.md §5) ---
+    # --- gated delta-rule mixer, mixer="deltanet" (arXiv 2412.06464; densa/model/deltanet.py) ---
+    delta_qk_head_dim: int = 0  # K, query/key width per head; 0 = hidden_size // num_attention_heads
+    delta_v_head_dim: int = 0  # V, value width per head; 0 = 2·K (Gated DeltaNet's value expansion)
+    delta_chunk_size: int = 64  # C: the training form solves C×C systems per chunk
+    delta_conv_size: int = 4  # short causal depthwise convolution on q, k, v (1 = none)
+
+    # --- mixture-of-experts FFN, ffn="moe" or "topk_moe" (docs/moe.md, 'Design') ---
     num_experts: int = 64  # E: routed FFN experts (fine-grained, OLMoE: 64 experts, top-8)
     num_experts_per_tok: int = 8  # K: slots per token; under "moe" FFN and zero-computation experts share them
     moe_intermediate_size: int = 0  # F: one expert's SwiGLU width; 0 = intermediate_size // num_experts_per_tok
@@ -100,8 +110,16 @@ class ModelConfig:
             raise ConfigError(f"rms_norm_eps={self.rms_norm_eps}: must be in (0, 1)")
         if not 0 < self.initializer_range <= 1:
             raise ConfigError(f"initializer_range={self.initializer_range}: must be in (0, 1]")
+        for name in ("attention_every", "delta_qk_head_dim", "delta_v_head_dim"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
+        _positive(self, "delta_chunk_size", "delta_conv_size")
+        if self.attention_every > self.num_hidden_layers:
+            raise ConfigError(f"attention_every={self.attention_every}: must be <= num_hidden_layers="
+                              f"{self.num_hidden_layers} (0 = no full-attention layers)")
+        mixers = set(self.layer_mixers)
         h = self.num_attention_heads
-        if self.mixer == "attention":
+        if "attention" in mixers:
             if self.hidden_size % h:
                 raise ConfigError(f"hidden_size={self.hidden_size}: must be divisible by num_attention_heads={h}")
             if (self.hidden_size // h) % 2:
@@ -109,7 +127,9 @@ class ModelConfig:
             if h % self.num_key_value_heads:
                 raise ConfigError(f"num_key_value_heads={self.num_key_value_heads}: must divide "
                                   f"num_attention_heads={h}")
-        else:
+        if "deltanet" in mixers and self.delta_key_dim < 1:
+            raise ConfigError("delta_qk_head_dim=0 derives hidden_size // num_attention_heads = 0: set it >= 1")
+        if "mega" in mixers:
             for name in ("shared_qk_dim", "value_dim"):
                 if getattr(self, name) % h:
                     raise ConfigError(f"{name}={getattr(self, name)}: must be divisible by num_attention_heads={h}")
@@ -159,6 +179,22 @@ class ModelConfig:
     def expert_intermediate_size(self) -> int:
         """F, the SwiGLU width of one routed expert (`moe_intermediate_size`, or derived when it is 0)."""
         return self.moe_intermediate_size or self.intermediate_size // self.num_experts_per_tok
+
+    @property
+    def layer_mixers(self) -> list[str]:
+        """The mixer of each layer: `mixer`, except every `attention_every`-th layer, full attention (hybrid)."""
+        k = self.attention_every
+        return ["attention" if k and (i + 1) % k == 0 else self.mixer for i in range(self.num_hidden_layers)]
+
+    @property
+    def delta_key_dim(self) -> int:
+        """K of the gated delta-rule mixer (`delta_qk_head_dim`, or derived when 0)."""
+        return self.delta_qk_head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def delta_value_dim(self) -> int:
+        """V of the gated delta-rule mixer (`delta_v_head_dim`, or 2·K when 0)."""
+        return self.delta_v_head_dim or 2 * self.delta_key_dim
 
     @property
     def head_dim(self) -> int:
@@ -235,7 +271,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-base": dict(vocab_size=16384, hidden_size=448, num_hidden_layers=8, intermediate_size=1216,
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, ema_dim=16,
                      ema_chunk_size=256, attn_chunk_size=256, shared_qk_dim=128, value_dim=896),
-    # GPU scale: about 1B parameters (Megalodon-style proportions; mega.md §4.4 "mega200M" scaled up)
+    # GPU scale: about 1B parameters (Megalodon proportions: hidden, z, v and chunk of the `mega1.3B` config in
+    # XuezheMax/megalodon, megalodon/model/mega.py, with 18 layers instead of 24)
     "gpu-1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=18, intermediate_size=5632,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192, ema_dim=16,
                    ema_chunk_size=2048, attn_chunk_size=2048, shared_qk_dim=512, value_dim=4096,
@@ -291,12 +328,35 @@ def _parse_value(key: str, raw: str, hint: Any) -> Any:
         raise ConfigError(f"--set {key}={raw}: expected {hint.__name__}") from None
 
 
+def yaml_error_location(path: Path, exc: yaml.YAMLError) -> str:
+    """`path:line:column` (1-based) of a YAML syntax error, or `path` when yaml gives no position."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """yaml's description of the error on one line, with where the construct it was inside began when that was on
+    another line: "expected ',' or ']', but got ':' (while parsing a flow sequence that starts on line 3)"."""
+    problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+    if not problem:
+        return " ".join(str(exc).split())
+    if context:
+        start, mark = getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)
+        if start is not None and mark is not None and start.line != mark.line:
+            context += f" that starts on line {start.line + 1}"
+        problem += f" ({context})"
+    return " ".join(problem.split())
+
+
 def read_recipe(recipe: str | Path) -> dict[str, Any]:
     """A recipe YAML file as a mapping whose sections (`model:`, `train:`) are mappings themselves."""
     path = Path(recipe)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist")
-    doc = yaml.safe_load(path.read_text()) or {}
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # one line: file:line:column and yaml's own words, not a 60-line traceback
+        raise ConfigError(f"recipe {yaml_error_location(path, exc)}: invalid YAML: {yaml_problem(exc)}") from None
     if not isinstance(doc, dict) or not all(isinstance(v, dict | None) for v in doc.values()):
         raise ConfigError(f"recipe {str(path)!r}: expected a mapping of sections ('model:', 'train:')")
     return doc

@@ -73,42 +73,30 @@ class FlopsPerToken:
 
 def flops_per_token(cfg: ModelConfig, context: int | None = None) -> FlopsPerToken:
     """Analytic forward FLOPs per token, averaged over a sequence of `context` tokens (default: the config's
-    max_position_embeddings), batch 1."""
+    max_position_embeddings), batch 1. Each layer's block class states its mixer's FLOPs
+    (`mixer_flops_per_token(cfg, context)`), so a hybrid layout or a new mixer needs nothing here."""
+    from densa.model.model import BLOCKS
+
     T = context or cfg.max_position_embeddings
-    D, L = cfg.hidden_size, cfg.num_hidden_layers
-    if cfg.mixer == "attention":
-        d, H, Hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        mixer = D * H * d * 2 + D * Hkv * d * 2
-        attention = 2 * 2 * H * d * mean_keys(T, T)
-        ema_state = ema_fft = 0.0
-    else:
-        Z, V, N = cfg.shared_qk_dim, cfg.value_dim, cfg.ema_dim
-        mixer = D * V + D * (Z + V + D) + V * D
-        attention = 2 * (Z + V) * mean_keys(T, cfg.attn_chunk_size)
-        c = min(cfg.ema_chunk_size, T)
-        n = 1 << (2 * c - 1).bit_length()
-        # CEMA: the state contractions run as real matmuls over (re, im) pairs (2x the real EMA's work, a real
-        # input times a complex weight); the kernel einsum is complex x complex (4 real multiply-adds each)
-        pairs, cplx = (2, 4) if cfg.complex_ema else (1, 1)
-        # state-in and state-out einsums run over the sequence padded to whole chunks; per sequence, the kernel
-        # einsum over (D, N, c) and, when the last chunk is partial, the final-state einsum over its r tokens
-        padded, r = -(-T // c) * c, T % c
-        ema_state = ((2 * 2 * D * N * padded + 2 * D * N * r) * pairs + 2 * D * N * c * cplx) / T
-        # per chunk of c tokens and channel: rfft(x), pointwise product (n/2+1 complex), irfft; plus rfft(kernel)
-        ema_fft = D * (2 * fft_flops(n) + 6 * (n // 2 + 1)) / c + D * fft_flops(n) / T
-    return FlopsPerToken(linear=L * (2 * mixer + ffn_flops_per_token(cfg)), attention=L * attention,
-                         ema_state=L * ema_state, ema_fft=L * ema_fft, lm_head=2 * D * cfg.vocab_size)
+    parts = {"linear": 0.0, "attention": 0.0, "ema_state": 0.0, "ema_fft": 0.0}
+    for mixer in cfg.layer_mixers:
+        for name, value in BLOCKS[mixer].mixer_flops_per_token(cfg, T).items():
+            parts[name] += value
+        parts["linear"] += ffn_flops_per_token(cfg)
+    return FlopsPerToken(**parts, lm_head=2 * cfg.hidden_size * cfg.vocab_size)
 
 
-def ffn_flops_per_token(cfg: ModelConfig) -> float:
-    """Forward FLOPs per token of one block's FFN. Dense SwiGLU: 6·D·I. MoE: the active experts (the budget target
-    under "moe", K under "topk_moe") × 6·D·F, plus the router 2·D·(E + Z) and the shared expert 6·D·F + 2·D.
-    Identity experts (an axpy), the softmax/top-k and the dispatch gathers are not counted."""
+def ffn_flops_per_token(cfg: ModelConfig, active_experts: float | None = None) -> float:
+    """Forward FLOPs per token of one block's FFN. Dense SwiGLU: 6·D·I. MoE: `active_experts` FFN experts (default:
+    the budget target under "moe", K under "topk_moe") × 6·D·F, plus the router 2·D·(E + Z) and the shared expert
+    6·D·F + 2·D. Identity experts (an axpy), the softmax/top-k and the dispatch gathers are not counted.
+    densa/measure.py passes the experts a layer actually used."""
     D = cfg.hidden_size
     if cfg.ffn == "swiglu":
         return 6 * D * cfg.intermediate_size
     dynamic = cfg.ffn == "moe"
-    active = cfg.target_active_experts if dynamic else cfg.num_experts_per_tok
+    if active_experts is None:
+        active_experts = cfg.target_active_experts if dynamic else cfg.num_experts_per_tok
     pool = cfg.num_experts + (cfg.num_null_experts + cfg.num_identity_experts if dynamic else 0)
     F = cfg.expert_intermediate_size
-    return active * 6 * D * F + 2 * D * pool + (6 * D * F + 2 * D if cfg.shared_expert else 0)
+    return active_experts * 6 * D * F + 2 * D * pool + (6 * D * F + 2 * D if cfg.shared_expert else 0)

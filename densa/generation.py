@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from densa.model.compile import CompileConfig, inference_steps
+
 if TYPE_CHECKING:
     from densa.model.model import DensaModel
 
@@ -38,18 +40,22 @@ def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int | None =
 @torch.no_grad()
 def generate(model: DensaModel, input_ids: Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
-             generator: torch.Generator | None = None, attention_mask: Tensor | None = None) -> Tensor:
+             generator: torch.Generator | None = None, attention_mask: Tensor | None = None,
+             compile: str | CompileConfig = "auto") -> Tensor:
     """Continue each row of `input_ids` (B, T) by up to `max_new_tokens`, stopping a row at a stop token.
 
     Returns (B, T + n) with n <= max_new_tokens; rows that stopped early are filled with their stop token.
     The prompt is prefilled in one cached forward; every later step feeds one token. Prompts of different lengths
     are left-padded with `attention_mask` 0 at the padding; each row then generates what it would alone.
+    `compile` is the switch of densa/model/compile.py for the decode step ("auto": compiled on CUDA only).
+    The prompt is validated once (forward); the decode steps feed the model's own samples unchecked.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=input_ids.device)
-    cache = model.new_cache()
-    logits = model(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1]
+    steps = inference_steps(model, compile)
+    cache = model.new_cache(max_length=input_ids.shape[1] + max_new_tokens)
+    logits = steps.prefill(input_ids, cache, attention_mask).logits[:, -1]
     out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     last = None
     for step in range(max_new_tokens):
@@ -61,5 +67,5 @@ def generate(model: DensaModel, input_ids: Tensor, max_new_tokens: int = 64, tem
         last = token
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache).logits[:, -1]
+        logits = steps.decode(token[:, None], cache)[0]
     return torch.cat(out, dim=1)

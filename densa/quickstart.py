@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from densa.checkpoint import load_model
 from densa.config import PRESETS, from_preset
@@ -33,9 +31,10 @@ from densa.counting import count_parameters, flops_per_token
 from densa.data.corpora import corpus_texts
 from densa.data.prepare import prepare, split_documents
 from densa.data.tokenizer import load_tokenizer, train_tokenizer
+from densa.measure import heldout_bits_per_byte
 from densa.model.model import DensaModel
-from densa.report.quickstart import print_table, write_report
-from densa.study.iso_flop import equal_flop_steps, inference_flops_per_token
+from densa.report.quickstart import bits_saved_per_gflop, print_table, suite_table, write_report
+from densa.study.iso_flop import equal_flop_steps
 from densa.train.config import TrainConfig
 from densa.train.loop import METRICS, train
 
@@ -93,31 +92,6 @@ class Clock:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
-
-
-@torch.inference_mode()
-def heldout_bits_per_byte(model: DensaModel, tokenizer: Any, text: str, context: int, progress: bool,
-                          desc: str) -> dict[str, float]:
-    """Bits per byte of `text` under `model`: the text is tokenized with the model's own tokenizer and cut into
-    windows of context + 1 tokens that overlap by one, so every token but the first is predicted once, from the
-    window before it. Σ −log2 p / UTF-8 bytes of the text is comparable across tokenizers. Also returns tokens,
-    bytes and, for a dynamic MoE, the FFN experts it used per token (for the FLOPs it spent)."""
-    model.eval()
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    starts = list(range(0, max(1, len(ids) - 1), context))
-    nll, experts = 0.0, {}
-    for s in tqdm(starts, desc=desc, unit="window", disable=not progress, leave=False):
-        window = torch.tensor([ids[s:s + context + 1]])
-        if window.shape[1] < 2:
-            continue
-        out = model(window, labels=window)
-        nll += out.loss.item() * (window.shape[1] - 1)
-        for k, v in out.aux.items():
-            if k.endswith(".mean_ffn_experts"):
-                experts.setdefault(k, []).append(v.item())
-    n_bytes = len(text.encode("utf-8"))
-    return {"bpb": nll / math.log(2) / n_bytes, "tokens": len(ids), "bytes": n_bytes,
-            "ffn_experts": {k: sum(v) / len(v) for k, v in experts.items()}}
 
 
 def heldout_text(max_bytes: int) -> str:
@@ -209,12 +183,12 @@ def main(args: argparse.Namespace) -> None:
             rows["smollm2-135m"] = smol
     for name, row in rows.items():
         ctx = min(row["context"], row["config"].max_position_embeddings)
-        measured = heldout_bits_per_byte(row["model"], row["tokenizer"], text, ctx, progress, name)
-        row.update(heldout_bpb=measured["bpb"], bytes_per_token=measured["bytes"] / measured["tokens"],
-                   gflops_per_token=inference_flops_per_token(row["config"], ctx, measured["ffn_experts"]) / 1e9)
+        measured = heldout_bits_per_byte(row["model"], row["tokenizer"], text, ctx, progress=progress, desc=name)
+        row.update(heldout_bpb=measured.bpb, bytes_per_token=measured.bytes / measured.tokens,
+                   gflops_per_token=measured.flops_per_token / 1e9, ffn_experts=measured.ffn_experts)
         row["gflops_per_byte"] = row["gflops_per_token"] / row["bytes_per_token"]
-        row["bits_saved_per_gflop"] = (8 - row["heldout_bpb"]) / row["gflops_per_byte"]
-        print(f"{name}: {measured['bpb']:.3f} bits/byte over {measured['bytes']:,} held-out bytes")
+        row["bits_saved_per_gflop"] = bits_saved_per_gflop(row).value  # densa.eval.density's definition
+        print(f"{name}: {measured.bpb:.3f} bits/byte over {measured.bytes:,} held-out bytes")
 
     clock.stage("eval-suite subset")
     suite = None if args.quick else _eval_suite(rows, out, args.eval_limit, progress)
@@ -252,7 +226,7 @@ def _load_smollm2() -> dict[str, Any] | str:
 
 def _eval_suite(rows: dict[str, dict[str, Any]], out: Path, limit: int, progress: bool) -> dict[str, Any] | None:
     """A small fixed subset of the eval suite (densa.eval.api.evaluate) for every model, as a report table; None
-    when that API is missing. Scores whose 95% interval does not clear chance are marked as such."""
+    when that API is missing. Scores whose 95% interval includes chance get no Intelligence Density."""
     try:
         from densa.eval.api import evaluate
     except ImportError:
@@ -261,19 +235,4 @@ def _eval_suite(rows: dict[str, dict[str, Any]], out: Path, limit: int, progress
     specs = {name: str(row["checkpoint"]) if "checkpoint" in row else "smollm2-135m" for name, row in rows.items()}
     records = evaluate(list(specs.values()), list(EVAL_TASKS), limit, out / "eval", progress=progress,
                        labels={spec: name for name, spec in specs.items()})
-    names = {spec: name for name, spec in specs.items()}
-    table = []
-    for r in records:
-        ci, chance = r.get("score_ci") or [None, None], r.get("chance")
-        above = "yes" if chance is not None and ci[0] is not None and ci[0] > chance else "no"
-        density = (r.get("intelligence_density") or {}).get("per_gflop")
-        table.append([names.get(r["model"], r["model"]), r["task"], f"{r['score']:.3f}",
-                      f"{ci[0]:.2f}–{ci[1]:.2f}" if ci[0] is not None else "-",
-                      f"{chance:.2f}" if chance is not None else "-", above,
-                      f"{density:.1f}" if density is not None else "-"])
-    return {"header": ["model", "task", "score", "95% CI", "chance", "above chance", "score per GFLOP/token"],
-            "rows": table, "records": [{k: r.get(k) for k in ("model", "task", "score", "score_ci", "chance",
-                                                               "n_items", "intelligence_density")} for r in records],
-            "note": f"{limit} seeded items per task through densa eval (lm-evaluation-harness, log-likelihood "
-                    "scoring); the full report card is eval/report.md in this folder. Small models trained for minutes "
-                    "sit at chance; only scores marked above chance say anything about them."}
+    return suite_table(records, {spec: name for name, spec in specs.items()}, limit)

@@ -1,6 +1,6 @@
 """The MODEL argument of every densa command, resolved to a `DensaModel` (+ its tokenizer when there is one).
 
-Accepted forms (PRODUCT.md):
+Accepted forms (docs/formats.md, 'Real models in: the MODEL resolver'):
 - a densa checkpoint directory (`config.json` of ModelConfig fields + `model.safetensors`, from `densa init/train`),
   or a `densa train` run folder (its `checkpoints/latest`);
 - a Hugging Face directory of a densa export (`model_type: "densa"`) or of a Llama-architecture causal LM;

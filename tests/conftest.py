@@ -27,6 +27,10 @@ VARIANTS = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: torch.compile of the decode step (select with -m compile)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -4,8 +4,9 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py DATA ROOT
 
 Runs, in one process group: short trainings of the tiny dense and MoE presets under DDP and FSDP2, a resume of a
-1-process checkpoint (ROOT/single-tiny-cut) under FSDP2, the expert-gradient checks of training.md §4 (pitfall 5),
-and last `densa train` itself (ROOT/cli-fsdp2). Rank 0 writes ROOT/distributed.json, which the tests read.
+1-process checkpoint (ROOT/single-tiny-cut) under FSDP2, the expert-gradient checks (docs/design-notes.md,
+'Distributed pitfalls': rank-divergent routing), and last `densa train` itself (ROOT/cli-fsdp2). Rank 0 writes
+ROOT/distributed.json, which the tests read.
 """
 
 import copy
@@ -33,7 +34,8 @@ from densa.train.config import TrainConfig
 from densa.train.loop import train
 
 torch.set_num_threads(1)
-# the bare MoE of the gradient check returns a view; nothing here changes it in place (training.md §4, pitfall 4)
+# the bare MoE of the gradient check returns a view; nothing here changes it in place
+# (docs/design-notes.md, 'Distributed pitfalls': views)
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .FSDPMoE. returned a view")
 PEAK = 1e11
 # name -> (preset, ModelConfig overrides); a fixed budget bias isolates the one MoE update that is per-rank
@@ -95,8 +97,8 @@ def lm_loss(model, ids):
 
 
 def moe_loss(moe, x):
-    out = moe(x)
-    return out.square().mean() + getattr(moe, "module", moe).aux_loss
+    out, routed = moe(x, return_routing=True)  # the router losses travel with the output (training mode)
+    return out.square().mean() + routed.aux_loss
 
 
 def split_routing_moe() -> tuple[MoE, torch.Tensor]:

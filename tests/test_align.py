@@ -228,7 +228,7 @@ def test_token_value_seed_interval_covers_the_spread_between_rl_seeds():
             return self.ok
 
     def run(correct, n):
-        return {"tok": None, "heldout": [Out(c, n) for c in correct], "reference": [1] * len(correct)}
+        return {"tok": None, "test": [Out(c, n) for c in correct], "test_reference": [1] * len(correct)}
 
     sft = [run([1, 1, 1, 0], 10)] * 3
     rl = [run([1, 0, 1, 0], 5), run([1, 1, 1, 0], 4), run([0, 0, 1, 0], 6)]  # deltas −25, 0, −50; cuts .5, .6, .4
@@ -238,3 +238,19 @@ def test_token_value_seed_interval_covers_the_spread_between_rl_seeds():
     half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
     assert ci["token_reduction"] == pytest.approx([0.5 - half, 0.5 + half])
     assert _seed_intervals(rl[:1], sft[:1])["accuracy_delta"] == [None, None]
+
+
+def test_grpo_with_dler_options_and_a_kl_anchor_runs_and_logs(policy, tmp_path):
+    """Dynamic sampling, batch-wise normalisation, clip-higher, the truncation penalty and the KL anchor to the
+    starting (SFT) policy, together through TRL: the kept share of groups and the KL are logged."""
+    _, _, path = policy
+    recipe = load_recipe("recipes/align-token-value-study.yaml", [
+        f"policy.path={path}", "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=4",
+        "grpo.max_completion_length=12", "grpo.log_interval=1", "task.train_size=32", "task.heldout_size=8",
+        "task.max_new_tokens=12", "reward.overlong_cache=0", "reward.length=truncation", "reward.truncate_at=8",
+        "grpo.dynamic_sampling=true", "grpo.scale_rewards=batch", "grpo.epsilon_high=0.28", "grpo.beta=0.04",
+        "grpo.loss_type=dapo", "task.unanswerable_fraction=0.2"])
+    run_grpo(recipe, tmp_path / "run", progress=False, evaluate=False)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if "reward" in r]
+    assert len(steps) == 2 and all("kl" in r and 0 <= r["dynamic_sampling/kept_groups"] <= 1 for r in steps)

@@ -27,3 +27,37 @@ def test_refuses_to_overwrite_and_reports_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a densa checkpoint"):
         load_model(tmp_path / "nothing")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left behind
+
+
+def test_stale_save_temporaries_are_recognised_and_nothing_else(tmp_path):
+    from densa.train.state import remove_stale_temporaries
+
+    ckpts = tmp_path / "checkpoints"
+    ours = [".step-6.k2j3", ".step-6.old.a1b2", "..step-6.k2j3.x9y8"]  # mkdtemp's, the re-save's, save_checkpoint's
+    theirs = ["step-6", ".step-x.k2j3", "...step-6.k2", ".stepping.1", "notes", ".git"]
+    for name in ours + theirs:
+        (ckpts / name).mkdir(parents=True)
+    (ckpts / ".step-7.file").write_text("")  # a file, not a folder: left alone
+    assert [p.name for p in remove_stale_temporaries(ckpts)] == sorted(ours)
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted([*theirs, ".step-7.file"])
+    assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_truncated_training_checkpoint_is_reported_as_damaged(tmp_path):
+    from densa.train.state import STATE_FILE, DamagedCheckpoint, load_training_checkpoint
+
+    model = tiny_model()
+    save_checkpoint(model, tmp_path / "ck")
+    torch.save({"step": 1}, tmp_path / "ck" / STATE_FILE)
+    assert load_training_checkpoint(tmp_path / "ck", tiny_model()) == {"step": 1}
+    with pytest.raises(ValueError, match="do not match the recipe's model") as err:
+        load_training_checkpoint(tmp_path / "ck", tiny_model(mixer="attention"))
+    assert not isinstance(err.value, DamagedCheckpoint)  # a recipe mismatch is not damage: no fallback
+    state = tmp_path / "ck" / STATE_FILE
+    state.write_bytes(state.read_bytes()[:-40])
+    with pytest.raises(DamagedCheckpoint, match=f"{STATE_FILE}: PytorchStreamReader failed"):
+        load_training_checkpoint(tmp_path / "ck", tiny_model())
+    weights = tmp_path / "ck" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DamagedCheckpoint, match="model.safetensors: .*header"):
+        load_training_checkpoint(tmp_path / "ck", tiny_model())

@@ -28,7 +28,7 @@ def test_preset_sizes(name, low, high):
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("hidden_size", 0, "hidden_size=0: must be an integer >= 1"),
     ("rms_norm_eps", 2.0, "rms_norm_eps=2.0: must be in (0, 1)"),
-    ("mixer", "rnn", "mixer='rnn': must be one of ['mega', 'attention']"),
+    ("mixer", "rnn", "mixer='rnn': must be one of ['mega', 'attention', 'deltanet']"),
     ("value_dim", 129, "value_dim=129: must be divisible by num_attention_heads=2"),
     ("hidden_size", "64", "hidden_size='64': expected int, got str"),
     ("complex_ema", 1, "complex_ema=1: expected bool, got int"),
@@ -69,6 +69,29 @@ def test_recipe_then_overrides(tmp_path):
         load_config(recipe=recipe)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(recipe=tmp_path / "missing.yaml")
+
+
+def test_recipe_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path, capsys):
+    from densa.cli import main as cli_main
+    from densa.train.config import load_recipe
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  preset: tiny\n  hidden_size: [64\ntrain: {data: d}\n")  # unclosed [ on line 3
+    message = (f"recipe {recipe}:4:6: invalid YAML: expected ',' or ']', but got ':' (while parsing a flow "
+               "sequence that starts on line 3)")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe=recipe)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match=r"bad.yaml:4:6: invalid YAML"):
+        load_recipe(recipe)
+    recipe.write_text("model:\n\tpreset: tiny\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: invalid YAML: found character '\\t' that cannot start"):
+        load_config(recipe=recipe)
+    for command in ("init", "train"):
+        assert cli_main([command, "--config", str(recipe), "--out", str(tmp_path / command)]) == 1
+        err_lines = capsys.readouterr().err.splitlines()
+        assert err_lines == [f"densa {command}: error: recipe {recipe}:2:1: invalid YAML: found character '\\t' "
+                             "that cannot start any token (while scanning for the next token)"]
 
 
 def test_shipped_recipes_build():

@@ -1,7 +1,8 @@
 """The trainer under torchrun: 2 gloo processes on CPU (DDP and FSDP2) against one process on the same global batches.
 
 One 2-process session (tests/distributed_worker.py, started once per module) runs everything distributed; this
-process runs the single-process references and the 1-process resume of a 2-process checkpoint. training.md §4.
+process runs the single-process references and the 1-process resume of a 2-process checkpoint.
+What is checked and why: docs/training.md, 'Distributed: torchrun, DDP and FSDP2'.
 """
 
 import importlib.util
@@ -104,9 +105,9 @@ def test_moe_routing_state_identical_on_every_rank(session, mode):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_fused_expert_gradients_equal_single_process(session, mode):
-    """training.md §4 pitfall 5: with rank-divergent routing, the fused 3-D expert weights' gradients under DDP and
-    FSDP2 equal the single-process gradients of the same global batch. `split-routing-moe`: rank 1's tokens all go
-    to zero-computation experts, so it computes no expert at all."""
+    """With rank-divergent routing, the fused 3-D expert weights' gradients under DDP and FSDP2 equal the
+    single-process gradients of the same global batch (docs/design-notes.md, 'Distributed pitfalls').
+    `split-routing-moe`: rank 1's tokens all go to zero-computation experts, so it computes no expert at all."""
     model = session["dist"]["grads"][f"{mode}-model"]
     assert model["max_abs_diff"] < 1e-6 and model["max_abs_diff_experts"] < 1e-8 < model["expert_grad_max"]
     split = session["dist"]["grads"][f"{mode}-split-routing-moe"]

@@ -58,7 +58,15 @@ def test_records_have_every_field_and_the_report_is_written(run):
         assert r["flops_per_token"] > 0 and r["ttft_ms"]["batch_1"]["median"] > 0
         assert r["usd_per_1m_tokens"]["blended"] > 0
     by_task = {r["task"]: r for r in records}
-    assert by_task["bpb_wikitext2"]["token_value"] is None and by_task["bpb_wikitext2"]["intelligence_density"] is None
+    assert by_task["bpb_wikitext2"]["token_value"] is None and by_task["bpb_wikitext2"]["combined"] is None
+    assert by_task["bpb_wikitext2"]["intelligence_density"]["unit"] == "byte"  # bits saved per GFLOP per byte
+    arc = by_task["arc_easy"]
+    assert 0.2 <= arc["chance"] <= 1 / 3 and arc["at_chance"]  # two items cannot clear chance: no density
+    assert arc["intelligence_density"]["per_gflop"] is None and arc["intelligence_density"]["missing"]
+    prices = arc["usd_per_1m_tokens"]
+    assert prices["rounds"] == measure.PROBE_ROUNDS and prices["range"]["blended"][0] <= prices["range"]["blended"][1]
+    assert prices["machine"]["peak_gflops_per_s"] > 0 and isinstance(prices["machine"]["busy"], bool)
+    assert arc["idealised"]["usd_per_1m_tokens"] > 0
     assert by_task["bpb_wikitext2"]["score"] > 1.0  # an untrained model: several bits per byte
     assert by_task["gsm8k"]["token_value"]["per_1k_bytes"] is not None and by_task["gsm8k"]["output_tokens_mean"] > 0
     assert by_task["arc_easy"]["token_value"] is None and by_task["arc_easy"]["output_tokens_mean"] == 0
@@ -66,7 +74,7 @@ def test_records_have_every_field_and_the_report_is_written(run):
     assert saved["records"] == json.loads(json.dumps(records))
     assert saved["meta"]["subsets"]["gsm8k"] == benchmarks.subset("gsm8k", 2, 0)
     assert saved["meta"]["densa_version"] and saved["meta"]["run_config_hash"]
-    for name in ("report.md", "report.html", "score_vs_cost.png", "token_value.png"):
+    for name in ("report.md", "report.html", "quality_vs_cost.png", "token_value.png"):
         assert (out / name).is_file(), name
     card = yaml.safe_load(next((out / "model_cards").glob("*.yaml")).read_text())
     assert len(card["model-index"][0]["results"]) == 3
@@ -198,8 +206,13 @@ def test_summarize_ratios_by_hand():
     r = scores.summarize("gsm8k", rows, prices)
     assert r["n_items"] == 4 and r["n_failed"] == 1 and r["score"] == 0.5
     assert r["flops_per_token"] == pytest.approx(20e9 / 100)  # Σ flops / Σ processed tokens
-    assert r["intelligence_density"]["per_gflop"] == pytest.approx(0.5 / 0.2)  # 0.2 GFLOP per token
-    assert r["intelligence_density"]["per_usd"] == pytest.approx(0.5 / 3.5)
+    d = r["intelligence_density"]
+    assert r["chance"] == 0.0 and r["quality"] == 0.5  # GSM8K is not guessed: quality = score
+    assert d["per_gflop_cost"] == pytest.approx(0.2)  # 0.2 GFLOP per token
+    assert d["per_usd_cost"] == pytest.approx((60 * 2.0 + 40 * 8.0) / 100)  # $ per 1M of the task's own tokens
+    # 2 of 4 correct: a resample of four misses has quality 0, so the interval reaches chance and there is no ratio
+    assert r["at_chance"] and d["per_gflop"] is None and d["missing"] == {"per_gflop": "at chance",
+                                                                            "per_usd": "at chance"}
     assert r["token_value"]["per_1k_tokens"] == pytest.approx(1000 * 2 / 40)
     assert r["token_value"]["per_1k_bytes"] == pytest.approx(1000 * 2 / 160)
     usd = (60 * 2.0 + 40 * 8.0) / 1e6  # input tokens at the input price, output tokens at the output price
@@ -239,9 +252,11 @@ def test_moe_spend_lies_between_no_experts_and_all_slots(tmp_path):
     cfg = model.model.config
     n = len(runner.encode_text(model.tokenizer, text))
     analytic = flops_per_token(cfg, n).total
-    ffn = [layer.mlp for layer in model.model.layers]
-    lo = analytic - sum(m.expert_flops * cfg.target_active_experts for m in ffn)
-    hi = lo + sum(m.expert_flops * cfg.num_experts_per_tok for m in ffn)
+    from densa.counting import ffn_flops_per_token
+
+    layers = cfg.num_hidden_layers
+    lo = analytic - layers * (ffn_flops_per_token(cfg) - ffn_flops_per_token(cfg, 0))  # no token uses an expert
+    hi = lo + layers * (ffn_flops_per_token(cfg, cfg.num_experts_per_tok) - ffn_flops_per_token(cfg, 0))
     assert lo <= spent <= hi
 
 

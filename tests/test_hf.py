@@ -17,6 +17,7 @@ from densa.checkpoint import save_checkpoint
 from densa.config import ConfigError
 from densa.hf import DensaConfig, DensaForCausalLM
 from densa.hf.export import export_hf
+from densa.model.cache import ModelCache
 from densa.resolve import resolve
 
 
@@ -111,3 +112,117 @@ def test_plain_and_remote_code_export(tmp_path):
     assert result["class"].startswith("transformers_modules")
     torch.testing.assert_close(torch.tensor(result["logits"]), torch.tensor(expected), atol=1e-5, rtol=1e-5)
     assert result["generated"] == generated
+
+
+MOE = {"ffn": "moe", "num_experts": 8, "num_experts_per_tok": 4, "num_null_experts": 2, "num_identity_experts": 2,
+       "target_active_experts": 3.0}
+
+
+@pytest.mark.parametrize("variant", ["mega", "tiny-moe", "dense"])
+def test_forward_matches_densa_model_in_training(variant):
+    """The HF forward runs densa's modules through `DensaBackbone`: same logits and loss (router losses included)."""
+    overrides = MOE if variant == "tiny-moe" else VARIANTS[variant]
+    hf = _hf_model(**overrides).train()
+    ids = torch.randint(1, 256, (2, 24))
+    ours, ref = hf(ids, labels=ids), hf.model(ids, labels=ids)
+    torch.testing.assert_close(ours.logits, ref.logits, atol=0, rtol=0)
+    torch.testing.assert_close(ours.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    assert (ours.aux_loss is not None) == (variant == "tiny-moe")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("variant", ["mega", "tiny-moe"])
+def test_gradient_checkpointing_gives_the_same_gradients(variant, reentrant):
+    overrides = MOE if variant == "tiny-moe" else {}
+    ids = torch.randint(1, 256, (2, 24))
+    runs = []
+    for checkpointing in (False, True):
+        hf = _hf_model(**overrides).train()
+        if checkpointing:
+            hf.activation_checkpointing_enable({"use_reentrant": reentrant})
+            assert hf.is_activation_checkpointing
+        calls: list[int] = []
+        for layer in hf.model.layers:
+            layer.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        out = hf(ids, labels=ids)
+        out.loss.backward()
+        stats = [m._stats.clone() for m in hf.modules() if hasattr(m, "_stats") and m._stats is not None]
+        runs.append((out.loss.detach(), {n: p.grad for n, p in hf.named_parameters() if p.grad is not None},
+                     len(calls), stats))
+    (loss0, grads0, calls0, stats0), (loss1, grads1, calls1, stats1) = runs
+    assert calls1 == 2 * calls0 == 2 * len(hf.model.layers)  # every block was recomputed in backward
+    torch.testing.assert_close(loss1, loss0, atol=0, rtol=0)
+    assert grads1.keys() == grads0.keys() == {n for n, p in hf.named_parameters() if p.requires_grad}
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert len(stats0) == (len(hf.model.layers) if variant == "tiny-moe" else 0)
+    for a, b in zip(stats1, stats0, strict=True):  # the recompute does not count routing twice
+        torch.testing.assert_close(a, b)
+    hf.activation_checkpointing_disable()
+    assert not hf.is_activation_checkpointing
+
+
+def test_standard_forward_keywords():
+    hf = _hf_model()
+    ids = torch.randint(1, 256, (2, 20))
+    full = hf(ids).logits
+    # output_hidden_states: the embeddings and every block's output, the last one after the final norm
+    out = hf(ids, output_hidden_states=True, use_cache=False)
+    assert len(out.hidden_states) == len(hf.model.layers) + 1 and out.cache is None
+    torch.testing.assert_close(hf.model.lm_head(out.hidden_states[-1]).float(), full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.hidden_states[0], hf.model.embed_tokens(ids))
+    # return_dict=False, logits_to_keep (int and indices), inputs_embeds
+    logits, cache = hf(ids, return_dict=False)
+    torch.testing.assert_close(logits, full)
+    assert isinstance(cache, ModelCache) and cache.seen_tokens == 20
+    torch.testing.assert_close(hf(ids, logits_to_keep=1).logits, full[:, -1:])
+    torch.testing.assert_close(hf(ids, logits_to_keep=torch.tensor([0, 5])).logits, full[:, [0, 5]])
+    torch.testing.assert_close(hf(inputs_embeds=hf.model.embed_tokens(ids)).logits, full, atol=0, rtol=0)
+    # use_cache / past_key_values / cache_position continue a sequence; position_ids that agree are accepted
+    first = hf(ids[:, :12], use_cache=True, position_ids=torch.arange(12)[None], cache_position=torch.arange(12))
+    rest = hf(ids[:, 12:], past_key_values=first.cache, position_ids=torch.arange(12, 20)[None],
+              cache_position=torch.arange(12, 20))
+    torch.testing.assert_close(rest.logits, full[:, 12:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="packed sequences"):  # padding-free packing: positions restart mid-row
+        hf(ids, position_ids=torch.cat([torch.arange(10), torch.arange(10)])[None])
+    with pytest.raises(ValueError, match="cache_position starts at 3"):
+        hf(ids, cache_position=torch.arange(3, 23))
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        hf(ids, output_attentions=True)
+    assert hf(ids, output_attentions=False).logits.shape == full.shape
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        hf()
+
+
+def test_loss_scaled_for_gradient_accumulation():
+    """transformers' Trainer passes `num_items_in_batch` (labelled tokens over all micro-batches)."""
+    hf = _hf_model()
+    ids = torch.randint(1, 256, (2, 16))
+    labels = ids.clone()
+    labels[0, :10] = -100
+    mean = hf(ids, labels=labels).loss
+    scaled = hf(ids, labels=labels, num_items_in_batch=torch.tensor(50)).loss
+    torch.testing.assert_close(scaled, mean * (labels[:, 1:] != -100).sum() / 50)
+
+
+def test_right_padding_and_base_model_for_trl():
+    """TRL's fused LM head calls `model.base_model(input_ids, attention_mask, use_cache=False)` on left-padded prompts
+    followed by right-padded completions; every real token must see exactly what it sees unpadded."""
+    hf = _hf_model()
+    a, b = torch.randint(1, 256, (14,)), torch.randint(1, 256, (9,))
+    ids = torch.stack([a, torch.cat([torch.zeros(2, dtype=torch.long), b, torch.zeros(3, dtype=torch.long)])])
+    mask = torch.tensor([[1] * 14, [0, 0] + [1] * 9 + [0, 0, 0]])
+    out = hf.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert out.last_hidden_state.shape == (2, 14, 64)
+    logits = hf.get_output_embeddings()(out.last_hidden_state).float()
+    torch.testing.assert_close(logits[0], hf(a[None]).logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1, 2:11], hf(b[None]).logits[0], atol=1e-5, rtol=1e-5)
+    unpadded = hf(b[None]).logits[0]
+    torch.testing.assert_close(hf(ids, attention_mask=mask, use_cache=False).logits[1, 2:11], unpadded, atol=1e-5,
+                               rtol=1e-5)
+    assert {n for n, _ in hf.base_model.named_parameters()} == {
+        n.removeprefix("model.") for n, _ in hf.named_parameters() if "lm_head" not in n}
+    with pytest.raises(ValueError, match="only left padding"):  # a hole inside a row is still refused
+        hf(ids, attention_mask=torch.tensor([[1] * 14, [1, 0] + [1] * 12]), use_cache=False)
+    with pytest.raises(ValueError, match="only left padding"):  # and right padding with a cache (generation)
+        hf(ids, attention_mask=mask, use_cache=True)

@@ -80,11 +80,11 @@ def test_spent_flops_follow_the_routing_log():
     cfg = variant_config(base, VARIANTS["densa"])
     analytic = flops_per_token(cfg, train["context"])
     assert spent_training_flops_per_token(cfg, train["context"], []) == analytic.training
-    at_target = ffn_flops_per_token(cfg)
-    log = [{"kind": "train", **{f"routing/layers.{i}.flops_per_token": at_target - 1000.0
+    one_less = ffn_flops_per_token(cfg) - ffn_flops_per_token(cfg, cfg.target_active_experts - 1)
+    log = [{"kind": "train", **{f"routing/layers.{i}.mean_ffn_experts": cfg.target_active_experts - 1
                                 for i in range(cfg.num_hidden_layers)}}]
     spent = spent_training_flops_per_token(cfg, train["context"], log)
-    assert spent == pytest.approx(analytic.training - 3 * 1000.0 * cfg.num_hidden_layers)
+    assert spent == pytest.approx(analytic.training - 3 * one_less * cfg.num_hidden_layers)
 
 
 def test_every_iso_flop_recipe_loads():

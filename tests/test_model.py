@@ -126,3 +126,14 @@ def test_labels_and_cache_mismatch():
         from densa.model.cache import ModelCache
 
         model(ids, cache=ModelCache(model.new_cache().layers[:1]))
+
+
+def test_logits_to_keep_computes_only_the_last_positions():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 30))
+    full = model(ids).logits
+    last = model(ids, logits_to_keep=3).logits
+    assert last.shape == (2, 3, 256)
+    torch.testing.assert_close(last, full[:, -3:], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="logits_to_keep=2: must be >= 0, and 0 \\(all positions\\) with labels"):
+        model(ids, labels=ids, logits_to_keep=2)

@@ -43,7 +43,7 @@ def settle(layer: MoE, x: torch.Tensor, steps: int) -> list[dict]:
 
 # --------------------------------------------------------------------------- dispatch
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "split"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "split", "gathered"])
 def test_dispatch_matches_reference_forward_and_backward(impl):
     layer = moe_layer().train()
     layer.gate.zc_bias.fill_(0.06)  # enough zero-computation routing for null, identity and all-null tokens
@@ -66,6 +66,28 @@ def test_dispatch_matches_reference_forward_and_backward(impl):
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     for g_fast, g_ref in zip(grads(fast), grads(ref), strict=True):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_small_batch_gathers_only_the_chosen_experts(tokens):
+    layer = moe_layer().eval()
+    layer.gate.zc_bias.fill_(0.06)  # some zero-computation slots: they must cost nothing
+    E, K, (_, two_f, D) = layer.num_experts, layer.top_k, layer.experts.gate_up_proj.shape
+    assert layer.experts.uses_gathered(tokens, K) and not layer.experts.uses_gathered(E, K)  # T·K <= E: gathered
+    x_TD = torch.randn(tokens, D)
+    r = layer.gate(x_TD)
+    S = int((r.ids_TK < E).sum())
+    assert S < tokens * K  # some slots are zero-computation
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        out = layer.experts(x_TD, r.ids_TK, r.weights_TK)
+    # two batched matmuls over the S FFN slots (3·D·F multiply-adds each) and the (T, S) @ (S, D) combine
+    assert counter.get_total_flops() == 2 * S * 3 * D * (two_f // 2) + 2 * tokens * S * D
+    ids_TK = r.ids_TK.clamp(max=E)  # null everything past the FFN experts: identity is MoE.forward's part
+    ref = moe_reference(x_TD, ids_TK, r.weights_TK, layer.experts.gate_up_proj, layer.experts.down_proj, num_null=1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    full = layer(x_TD[None])  # the whole layer at batch 1 against the grouped path
+    layer.experts.impl = "grouped_mm"
+    torch.testing.assert_close(full, layer(x_TD[None]), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_mm_is_used_only_when_aligned():
@@ -102,13 +124,10 @@ def test_routing_and_model_are_causal():
     changed = ids.clone()
     changed[:, 25:] = torch.randint(0, 256, (2, 15))
     with torch.no_grad():
-        a = model(ids).logits
-        used_a = [layer.mlp.last_ffn_experts_BL.clone() for layer in model.layers]
-        b = model(changed).logits
-        used_b = [layer.mlp.last_ffn_experts_BL for layer in model.layers]
-    torch.testing.assert_close(a[:, :25], b[:, :25])
-    for ua, ub in zip(used_a, used_b, strict=True):
-        assert torch.equal(ua[:, :25], ub[:, :25])
+        out_a, out_b = model(ids), model(changed)
+    torch.testing.assert_close(out_a.logits[:, :25], out_b.logits[:, :25])
+    assert out_a.ffn_experts.shape == (len(model.layers), 2, 40)  # routing travels in the output
+    assert torch.equal(out_a.ffn_experts[:, :, :25], out_b.ffn_experts[:, :, :25])
 
 
 def test_gate_weights_are_normalised_over_computing_experts():
@@ -216,8 +235,9 @@ def test_topk_moe_matches_transformers_mixtral_block():
         block = MixtralSparseMoeBlock(hf_cfg)
         block.load_state_dict({"gate.weight": layer.gate.weight, "experts.gate_up_proj": layer.experts.gate_up_proj,
                                "experts.down_proj": layer.experts.down_proj})
-        torch.testing.assert_close(layer(x), block(x), rtol=1e-5, atol=1e-5)
-    aux, _ = layer.pop_aux()
+        out, routed = layer(x, return_routing=True)
+        torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+    aux = routed.metrics
     logits, _, _ = block.gate(x)
     torch.testing.assert_close(aux["balance_loss"], load_balancing_loss_func((logits,), 8, 2))
 
@@ -240,8 +260,8 @@ def test_counting_with_moe():
     layer.experts.impl = "split"  # torch's flop counter has no formula for _grouped_mm
     x = torch.randn(1, 64, D)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        layer(x)
-    pairs = int(layer.last_ffn_experts_BL.sum())
+        _, routed = layer(x, return_routing=True)
+    pairs = int(routed.ffn_experts_BL.sum())
     assert counter.get_total_flops() == pairs * 6 * D * F + 64 * 2 * D * 20
     topk = from_preset("tiny", ffn="topk_moe", num_experts=8, num_experts_per_tok=2, shared_expert=True)
     layer = MoE(topk)

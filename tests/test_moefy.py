@@ -131,11 +131,32 @@ def test_router_tuning_moves_only_routers_and_holds_the_budget(converted, tmp_pa
     assert all(abs(r["routing/layers.0.mean_ffn_experts"] - 4) < 1.5 for r in records if r["kind"] == "train")
 
 
+def test_cli_shared_experts_and_distillation(llama_dir, tmp_path, capsys):
+    out = tmp_path / "moe"
+    argv = ["moefy", str(llama_dir), "--experts", "8", "--budget", "0.5", "--shared", "0.25", "--calib-corpus", CORPUS,
+            "--calib-tokens", "1024", "--calib-seq-len", "128", "--router-steps", "10", "--distill-steps", "2",
+            "--distill-batch", "2", "--distill-context", "64", "--distill", "lora", "--lora-rank", "2",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 shared experts" in printed and "distilled 2 steps (256 tokens, lora) in" in printed
+    report = json.loads((out / "moefy.json").read_text())
+    assert report["shared_experts"] == 2 and report["distill_steps"] == 2 and report["distill_cpu_seconds"] > 0
+    assert not (out / "distill" / "distill-state.pt").exists()  # the checkpoint is the result
+    moe = resolve(str(out)).model
+    assert moe.layers[0].mlp.gate.expert_bias[:2].tolist() == pytest.approx([2.0, 2.0], abs=1e-5)  # pinned on
+    with torch.no_grad():
+        used = moe(torch.randint(0, 300, (2, 64))).ffn_experts
+    assert (used >= 2).all()  # every token runs at least the shared experts
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--experts", "5"], "--experts 5: must divide the FFN intermediate size 128"),
     (["--experts", "8", "--budget", "1.5"], "--budget 1.5: must be in (0, 1]"),
     (["--experts", "8", "--calib-tokens", "0"], "--calib-tokens 0: must be >= 1"),
     (["--experts", "8", "--tune-steps", "-1"], "--tune-steps -1: must be >= 0"),
+    (["--experts", "8", "--shared", "0.75"], "--shared 0.75: 6 shared experts of 8 exceed the budget 0.5"),
+    (["--experts", "8", "--distill-steps", "3", "--on-policy", "2"], "--on-policy 2.0: must be in [0, 1]"),
 ])
 def test_cli_errors_name_the_bad_input(llama_dir, tmp_path, capsys, argv, message):
     assert main(["moefy", str(llama_dir), *argv, "--out", str(tmp_path / "m")]) == 1
@@ -177,15 +198,27 @@ def test_study_runs_end_to_end_on_a_tiny_llama(llama_dir, tmp_path):
 
     from densa.study import moefy as study
 
-    sets = [f"model={llama_dir}", "experts=8", "calib_tokens=512", "window=128", "eval_tokens=256", "router_steps=10",
-            "budgets=[1.0, 0.5]", "tune_steps=1", 'tuned=["cluster-b50"]', "tuned_all=[]", 'timed=["cluster-b50"]',
-            "benchmarks={}", "benchmarked=[]"]
+    sets = [f"model={llama_dir}", "experts=8", "calib_tokens=512", "window=128", "eval_tokens=256", "val_tokens=256",
+            "router_steps=10", "budgets=[1.0, 0.5]", 'splits=["cluster"]', "tune_steps=1", 'tuned=["cluster-b50"]',
+            "tuned_all=[]",
+            'timed=["cluster-b50"]', "benchmarks={}", "shared=[0.125, 0.25]", "distill_steps=2",
+            "distill_pilot_steps=1", "distill_eval_every=1", "distill_batch=2", "distill_context=64",
+            'distill_grid=[{"mode": "moe", "lr": 1e-3}, {"mode": "lora", "lr": 1e-3}]']
     args = argparse.Namespace(quick=False, overrides=sets, no_progress=True)
     result = study.run(args, tmp_path)
     assert abs(result["cluster-b100_bpb"] - result["dense_bpb"]) < 1e-4  # every expert active: the original
-    assert result["cluster_all_experts_greedy_identical"] and result["random_all_experts_greedy_identical"]
+    assert abs(result["shared-b100_bpb"] - result["dense_bpb"]) < 1e-4
+    assert result["cluster_all_experts_greedy_identical"]
+    assert result["shared_all_experts_greedy_identical"] and result["shared_share"] in (0.125, 0.25)
     assert abs(result["cluster-b50_ffn_fraction"] - 0.5) < 0.15 and result["cluster-b50_flops_ratio"] < 1
-    assert result["bpb_increase_at_half_ffn_variant"] == "cluster-b50-tuned"
+    assert abs(result["teal-b50_ffn_fraction"] - 0.5) < 0.1 and result["teal-b50_flops_ratio"] < 1
+    assert result["shared-b50-distilled_distill_cpu_seconds"] > 0 and len(result["distill_pilots"]) == 2
+    # the headline is the 50% MoE variant with the best validation bpb, and it was timed
+    halves = {k[: -len("_val_bpb")]: v for k, v in result.items()
+              if k.endswith("-b50_val_bpb") or "-b50-" in k and k.endswith("_val_bpb")}
+    halves.pop("teal-b50")
+    assert result["bpb_increase_at_half_ffn_variant"] == min(halves, key=halves.get)
+    assert result["prefill_speedup_at_half_ffn"] > 0 and result["teal_decode_speedup_at_half_ffn"] > 0
     assert (tmp_path / "moefy-bpb-vs-budget.png").is_file() and (tmp_path / "moefy.md").is_file()
     with pytest.raises(ValueError, match="--set 'nonsense=1': expected KEY=VALUE"):
         study.run(argparse.Namespace(quick=False, overrides=["nonsense=1"], no_progress=True), tmp_path)
@@ -194,7 +227,9 @@ def test_study_runs_end_to_end_on_a_tiny_llama(llama_dir, tmp_path):
 @pytest.mark.parametrize("bad, message", [("budgets=abc", "budgets='abc': expected list"),
                                           ("budgets=[0.5, 1.5]", r"each must be in \(0, 1\]"),
                                           ("tune_lr=fast", "tune_lr='fast': expected float"),
-                                          ("splits=[\"kmeans\"]", "choose from cluster, random")])
+                                          ("splits=[\"kmeans\"]", "choose from cluster, random"),
+                                          ("shared=[1.5]", r"shared=\[1.5\]: each must be in \(0, 1\)"),
+                                          ('distill_grid=[{"mode": "full"}]', "choose moe, all or lora")])
 def test_study_settings_fail_before_any_work(bad, message):
     import argparse
 

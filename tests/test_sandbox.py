@@ -1,6 +1,7 @@
 """The HumanEval executor: canonical solutions pass, and harmful completions fail without harming anything.
 
 The harmful completions all run once, in parallel, in a module fixture; each test then checks one of them.
+tests/test_sandbox_hostile.py has the completions written to game the verdict or escape on purpose.
 """
 
 import math
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from densa.eval import humaneval
-from densa.eval.sandbox import Limits, run, run_many
+from densa.eval import humaneval, sandbox, sandbox_judge, sandbox_launcher
+from densa.eval.sandbox import Check, Limits, run, run_check, run_many
 
 TIMEOUT_S = 2.0  # for the hanging completions; the canonical ones finish in well under a second
 
@@ -199,19 +200,22 @@ def test_kernel_layers_hold_without_the_audit_hook(tmp_path):
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     limits = Limits(timeout_s=5.0, audit_hook=False)
-    probe = run("import os\nprint(os.getuid(), os.readlink('/proc/self/ns/net'))", limits)
-    uid, net_ns = probe.stdout.split()
+    probe = run("import os\nprint(os.getuid(), os.readlink('/proc/self/ns/net'), os.readlink('/proc/self/ns/mnt'))",
+                limits)
+    uid, net_ns, mount_ns = probe.stdout.split()
     attacks = {
         "network": f"import socket\nsocket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=1)",
         "fork": "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)",
         "delete": f"import os\nos.remove({str(canary)!r})",
         "write": f"open({str(canary)!r}, 'w').write('gone')",
+        "tmp": f"open('/tmp/densa-probe-{os.getpid()}', 'w').write('x')",
     }
     results = dict(zip(attacks, run_many(list(attacks.values()), limits, workers=4), strict=True))
     listener.close()
     checked = []
     if net_ns != os.readlink("/proc/self/ns/net"):
-        assert not results["network"].passed and "unreachable" in results["network"].stderr
+        assert not results["network"].passed
+        assert "unreachable" in results["network"].stderr or "Permission denied" in results["network"].stderr
         checked.append("network")
     if int(uid) != 0:
         assert not results["fork"].passed and "Resource temporarily unavailable" in results["fork"].stderr
@@ -220,5 +224,56 @@ def test_kernel_layers_hold_without_the_audit_hook(tmp_path):
         assert not results["delete"].passed and not results["write"].passed
         assert canary.read_text() == "still here"
         checked.append("filesystem")
+    if mount_ns != os.readlink("/proc/self/ns/mnt"):  # the tree is read-only: even world-writable /tmp
+        assert not results["tmp"].passed and "Read-only file system" in results["tmp"].stderr
+        assert not Path(f"/tmp/densa-probe-{os.getpid()}").exists()
+        checked.append("read-only tree")
     if not checked:
         pytest.skip("no kernel layer available here (no namespaces, and densa is not root)")
+
+
+def test_plain_data_round_trips_exactly_and_nothing_else_passes():
+    """What a program's answer may be (docs/sandbox.md): tagged JSON keeps every type, and rejects the rest."""
+    values = [None, True, False, 0, -5, 2**70, -(2**80), 1.5, -0.0, float("inf"), -float("inf"), "a\"\\\n\x00\ud800é",
+              [], [1, [2.0, "x"]], (1, (2,), ()), {1: "a", (1, 2): [3], "k": {}}, {1, 2}, frozenset({3}), 1 + 2j,
+              b"\x00\xff", [(1, {2: (3,)})]]
+    for value in values:
+        text = sandbox_launcher.encode(value).encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+        back = sandbox_judge.decode(text)
+        assert back == value and repr(back) == repr(value), (value, back)
+    assert math.isnan(sandbox_judge.decode(sandbox_launcher.encode(float("nan"))))
+    assert sandbox_judge.decode(sandbox_launcher.encode([1.5, float("-inf"), 2.0])) == [1.5, float("-inf"), 2.0]
+
+    class Yes(int):
+        def __eq__(self, other):
+            return True
+
+    for bad in (Yes(1), [Yes(1)], object(), {1: object()}):
+        with pytest.raises(TypeError, match="not plain data"):
+            sandbox_launcher.encode(bad)
+    for bad in ('{"x": []}', '{"t": 1}', '{"d": [[[1], 2]]}', '{"t": [], "s": []}', '{"c": [1, 2]}'):
+        with pytest.raises((ValueError, TypeError)):
+            sandbox_judge.decode(bad)
+
+
+def test_check_runs_in_the_judge_with_a_stub_candidate():
+    program = "def f(x, scale=1):\n    if x < 0:\n        raise ValueError('negative')\n    return (x * scale, {x})\n"
+    check = ("def check(candidate):\n    assert candidate(2, scale=3) == (6, {2})\n"
+             "    try:\n        candidate(-1)\n    except Exception as exc:\n"
+             "        assert 'ValueError: negative' in str(exc)\n"
+             "    else:\n        raise AssertionError\n    assert f(1) == (1, {1})  # by name too\n")
+    assert run_check(Check(program, "f", check)).status == "passed"
+    wrong = run_check(Check(program.replace("x * scale", "x + scale"), "f", check))
+    assert wrong.status == "failed" and "AssertionError" in wrong.stderr
+    assert run_check(Check("g = 1\n", "f", check)).status == "failed"  # no entry point: the tests never run
+    assert run_check(Check("def f(:\n", "f", check)).status == "failed"
+
+
+def test_a_judge_that_overruns_is_killed_and_replaced(monkeypatch):
+    monkeypatch.setattr(sandbox, "JUDGE_GRACE_S", 0.5)
+    looping = Check("def f():\n    return 1\n", "f",
+                    "def check(candidate):\n    candidate()\n    while True:\n        pass\n")
+    start = time.monotonic()
+    result = run_check(looping, Limits(timeout_s=0.5))  # the test code itself loops, in the judge
+    assert result.status == "timeout" and "overran" in result.stderr and time.monotonic() - start < 5
+    assert run("print(1)").status == "passed"  # the next item gets a fresh judge

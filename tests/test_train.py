@@ -14,9 +14,9 @@ from densa.model.model import DensaModel
 from densa.resolve import resolve
 from densa.train import state as state_module
 from densa.train.config import TrainConfig, load_recipe
-from densa.train.loop import train
+from densa.train.loop import MicroBatch, train, train_step
 from densa.train.optim import build_optimizers, lr_multiplier
-from densa.train.state import latest_checkpoint, list_checkpoints
+from densa.train.state import STATE_FILE, latest_checkpoint, list_checkpoints
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 PEAK = 1e11  # a fixed MFU denominator: tests do not benchmark the machine
@@ -94,6 +94,50 @@ def test_schedules_and_parameter_groups():
     assert id(model.layers[0].mlp.experts.gate_up_proj) in {id(p) for p in decay["params"]}
     n = sum(len(g["params"]) for opt in (adamw, muon) for g in opt.param_groups)
     assert n == len(list(model.parameters()))
+
+
+# --------------------------------------------------------------------------- one step, called alone
+
+
+def test_train_step_alone_learns_and_skips_non_finite():
+    """train_step on a user's own model, batch and optimizer: the loss falls, gradients reach every parameter, a
+    NaN loss changes nothing."""
+    torch.manual_seed(0)
+    model = DensaModel(tiny("tiny-moe")).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.randint(0, 300, (2, 17))  # (B, T+1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    first = train_step(model, [MicroBatch(batch[:1]), MicroBatch(batch[1:])], [opt])  # 2 micro-batches
+    assert not first.skipped and first.grad_norm > 0 and first.routing  # MoE: update_routing() ran
+    assert all(p.grad is None for p in model.parameters())  # dropped after the update
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before), set(before) - set(moved)  # every parameter got a gradient and an update
+    losses = [train_step(model, [MicroBatch(batch)], [opt]).loss for _ in range(8)]
+    assert losses[-1] < first.loss - 0.5 and losses == sorted(losses, reverse=True)
+
+    kept = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = model.register_forward_hook(lambda module, args, out: setattr(out, "loss", out.loss * float("nan")))
+    bad = train_step(model, [MicroBatch(batch)], [opt])
+    handle.remove()
+    assert bad.skipped and bad.loss != bad.loss and bad.grad_norm != bad.grad_norm  # NaN, no norm taken
+    assert all(torch.equal(p, kept[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_train_step_rho1_with_every_token_is_plain_cross_entropy():
+    """A micro-batch with reference losses trains Rho-1; keeping every token it is the plain objective."""
+    torch.manual_seed(0)
+    model = DensaModel(tiny()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(0, 300, (2, 17))
+    plain = train_step(model, [MicroBatch(batch)], [opt], grad_clip=0.0)
+    torch.manual_seed(0)
+    model = DensaModel(tiny()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    every = train_step(model, [MicroBatch(batch, torch.zeros(2, 16))], [opt], grad_clip=0.0, select_fraction=1.0)
+    assert every.loss == pytest.approx(plain.loss, abs=1e-6) and every.ce_loss == plain.ce_loss
+    half = train_step(model, [MicroBatch(batch, torch.zeros(2, 16))], [opt], select_fraction=0.5)
+    assert half.loss > half.ce_loss  # the top half by excess loss: above the all-token mean
 
 
 # --------------------------------------------------------------------------- the loop and checkpoints
@@ -199,6 +243,58 @@ def test_failed_save_keeps_previous_checkpoint(data, tmp_path, monkeypatch):
     result = train(tiny(), config(data, steps=6, checkpoint_interval=3), tmp_path / "run", resume=True,
                    progress=False, peak=PEAK)
     assert result.step == 6 and latest_checkpoint(ckpts).name == "step-6"
+
+
+def test_torn_metrics_line_is_dropped_on_resume(data, tmp_path):
+    """A kill mid-write leaves half a JSON record as the last line: resume drops it with a warning and goes on."""
+    run = tmp_path / "run"
+    train(tiny(), config(data, steps=3), run, progress=False, peak=PEAK)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"kind": "train", "step": 4, "loss": 5.6')  # no newline: torn
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 unreadable line\(s\) \(line 5\)"):
+        result = train(tiny(), config(data, steps=6), run, resume=True, progress=False, peak=PEAK)
+    assert result.step == 6
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
+
+
+def test_fresh_run_starts_a_fresh_metrics_file(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n{"kind": "tr')  # never checkpointed
+    train(tiny(), config(data, steps=1), run, progress=False, peak=PEAK)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+    assert losses(run) != [9.0]
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", STATE_FILE])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(data, tmp_path, damaged):
+    """Truncate a file of the newest checkpoint (what a full disk or a cut copy leaves): --resume warns, resumes
+    from the newest intact checkpoint, and continues exactly; stale temporaries of interrupted saves go."""
+    run = tmp_path / "run"
+    straight = train(tiny(), config(data, steps=6), run, progress=False, peak=PEAK)
+    ckpts = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step-3", "step-6"]
+    path = ckpts / "step-6" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    stale = [ckpts / ".step-7.k3j2", ckpts / "..step-7.k3j2.x9"]  # what kill -9 during a save leaves
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    (ckpts / "notes").mkdir()  # not densa's: kept
+    with pytest.warns(UserWarning, match=rf"resuming from .*step-3 \(step 3\); skipped damaged checkpoint\(s\): "
+                                         rf".*step-6/{damaged}"):
+        resumed = train(tiny(), config(data, steps=6), run, resume=True, progress=False, peak=PEAK)
+    assert resumed.losses == straight.losses[3:]  # bit-exact from step 3
+    assert latest_checkpoint(ckpts).name == "step-6"
+    load_model(ckpts / "step-6")  # rewritten whole
+    assert not any(folder.exists() for folder in stale) and (ckpts / "notes").is_dir()
+
+    for step in ("step-3", "step-6"):  # nothing intact: one line naming each damaged file
+        (ckpts / step / STATE_FILE).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no intact checkpoint to resume from: .*step-6/train_state.pt.*"
+                                                r"step-3/train_state.pt"):
+        train(tiny(), config(data, steps=9), run, resume=True, progress=False, peak=PEAK)
 
 
 def test_unwritable_out_and_vocab_errors(data, tmp_path):

@@ -33,6 +33,8 @@ class TaskConfig:
     train_size: int = 20000  # arithmetic: generated training problems (GSM8K: cap on its 7,473)
     heldout_size: int = 500
     ood_size: int = 300
+    validation_size: int = 0  # arithmetic: validation problems kept out of training (the study tunes on them)
+    unanswerable_fraction: float = 0.0  # arithmetic: share of unanswerable problems (honest target `#### unknown`)
     verbose_fraction: float = 0.5  # SFT demo: share of verbose-but-correct targets
     max_new_tokens: int = 160  # greedy evaluation cap
 
@@ -58,8 +60,11 @@ class GRPOSection:
     temperature: float = 1.0
     lr: float = 1e-4
     loss_type: Literal["dr_grpo", "dapo"] = "dr_grpo"  # never "grpo": its 1/|o| normaliser is a length bias
-    beta: float = 0.0  # KL to the reference policy (0: no reference model, as in DAPO / Dr. GRPO)
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    beta: float = 0.0  # KL anchor to the starting (SFT) policy; 0: no reference model, as in DAPO / Dr. GRPO
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # batch: DLER's batch-wise reward normalisation
+    epsilon: float = 0.2  # PPO clip range, low side
+    epsilon_high: float = 0.0  # high side (DAPO/DLER clip-higher, e.g. 0.28); 0: the same as epsilon
+    dynamic_sampling: bool = False  # drop groups whose samples are all right or all wrong (DAPO, DLER)
     seed: int = 0
     log_interval: int = 5
 
@@ -118,9 +123,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, met
             raise ConfigError(f"--set {key}: unknown key; valid: {', '.join(hints)}")
         hint = hints[name]
         doc.setdefault(section, {})[name] = raw.strip() if hint is str else _parse_value(key, raw.strip(), hint)
-    built = {name: _build(cls, doc.get(name, {}), name) for name, cls in SECTIONS.items()}
-    built["reward"] = dataclasses.replace(built["reward"],  # one length limit: the one generation uses
-                                          max_completion_length=built["grpo"].max_completion_length)
+    grpo = _build(GRPOSection, doc.get("grpo", {}), "grpo")
+    # one length limit: the one generation uses (the reward's overlong window and truncate_at are checked against it)
+    doc["reward"] = {**doc.get("reward", {}), "max_completion_length": grpo.max_completion_length}
+    built = {name: grpo if cls is GRPOSection else _build(cls, doc.get(name, {}), name)
+             for name, cls in SECTIONS.items()}
     recipe = Recipe(method=method or top.get("method", "sft"), **built)
     if recipe.method not in ("sft", "grpo", "simpo"):
         raise ConfigError(f"align.method={recipe.method!r}: choose from grpo, simpo")
@@ -147,7 +154,12 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
                  "max_length", "log_interval", "train_size", "heldout_size", "tokenizer_vocab"):
         if name in hints and getattr(obj, name) < 1:
             raise ConfigError(f"{section}.{name}={getattr(obj, name)}: must be >= 1")
-    for name in ("lr", "temperature"):
+    for name in ("lr", "temperature", "epsilon"):
         if name in hints and not getattr(obj, name) > 0:
             raise ConfigError(f"{section}.{name}={getattr(obj, name)}: must be > 0")
+    for name in ("beta", "epsilon_high", "validation_size"):
+        if name in hints and getattr(obj, name) < 0:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)}: must be >= 0")
+    if "unanswerable_fraction" in hints and not 0 <= obj.unanswerable_fraction < 1:
+        raise ConfigError(f"{section}.unanswerable_fraction={obj.unanswerable_fraction}: must be in [0, 1)")
     return obj

@@ -14,21 +14,28 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from densa.align.problems import extract_answer
+from densa.align.problems import abstains, extract_answer, is_correct
 from densa.model.model import DensaModel
 
 
 @dataclass
 class Output:
     tokens: list[int]  # generated ids, up to and including EOS
-    answer: int  # gold
+    answer: int | None  # gold; None: an unanswerable problem (the right answer is `#### unknown`)
     finished: bool  # ended with EOS within the cap
 
     def text(self, tok: Any, budget: int | None = None) -> str:
         return tok.decode(self.tokens[:budget], skip_special_tokens=True)
 
     def correct(self, tok: Any, budget: int | None = None) -> bool:
-        return extract_answer(self.text(tok, budget)) == self.answer
+        return is_correct(self.text(tok, budget), self.answer)
+
+    def invented(self, tok: Any, budget: int | None = None) -> bool:
+        """The final answer is a number (on an unanswerable problem: a number the model made up)."""
+        return extract_answer(self.text(tok, budget)) is not None
+
+    def abstained(self, tok: Any, budget: int | None = None) -> bool:
+        return abstains(self.text(tok, budget))
 
 
 @torch.no_grad()
@@ -52,7 +59,7 @@ def generate_greedy(model: DensaModel, tok: Any, prompts: list[list[dict]], answ
         for row, head, answer in zip(ids[:, enc["input_ids"].shape[1]:].tolist(), head_ids,
                                      answers[start:start + batch_size], strict=True):
             n = row.index(eos) + 1 if eos in row else len(row)
-            outs.append(Output(head + row[:n], int(answer), eos in row))
+            outs.append(Output(head + row[:n], None if answer is None else int(answer), eos in row))
     return outs
 
 
@@ -76,3 +83,11 @@ def summarise(outputs: list[Output], tok: Any, short_tokens: float | None = None
 def budget_curve(outputs: list[Output], tok: Any, budgets: list[int]) -> dict[int, float]:
     """Accuracy with `max_new_tokens = k` for each budget k (exact for greedy decoding, see the module docstring)."""
     return {k: sum(o.correct(tok, k) for o in outputs) / len(outputs) for k in budgets}
+
+
+def audit_unanswerable(outputs: list[Output], tok: Any, budget: int | None = None) -> dict[str, float]:
+    """On unanswerable problems: the share answered with an invented number, the share answered honestly
+    (`#### unknown`) and the share with no final answer at all (they sum to 1)."""
+    invented = sum(o.invented(tok, budget) for o in outputs) / len(outputs)
+    honest = sum(o.abstained(tok, budget) for o in outputs) / len(outputs)
+    return {"invented_rate": invented, "honest_rate": honest, "no_answer_rate": 1 - invented - honest}

@@ -26,7 +26,7 @@ from densa.align.config import Recipe
 from densa.align.evaluate import generate_greedy, summarise
 from densa.align.logs import plot_curves
 from densa.align.policy import load_policy, save_policy
-from densa.align.problems import extract_answer
+from densa.align.problems import is_correct
 from densa.align.sft import task_examples
 from densa.model.model import DensaModel
 
@@ -48,7 +48,7 @@ def sample_pairs(model: DensaModel, tok: Any, examples: list[dict], max_new_toke
         new = ids[:, enc["input_ids"].shape[1]:].tolist()
         for i, e in enumerate(chunk):
             a, b = (_until_eos(new[i], eos), _until_eos(new[i + len(chunk)], eos))
-            ok = [s[-1:] == [eos] and extract_answer(tok.decode(s, skip_special_tokens=True)) == e["answer"]
+            ok = [s[-1:] == [eos] and is_correct(tok.decode(s, skip_special_tokens=True), e["answer"])
                   for s in (a, b)]
             if all(ok) and len(a) != len(b):
                 prompt = tok(texts[i], add_special_tokens=False)["input_ids"]

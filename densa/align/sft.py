@@ -24,7 +24,7 @@ from densa.align.config import Recipe
 from densa.align.evaluate import generate_greedy, summarise
 from densa.align.logs import JsonlLog, plot_curves, read_jsonl
 from densa.align.policy import load_policy, save_policy
-from densa.align.problems import gsm8k, heldout_and_ood, sft_examples, train_split
+from densa.align.problems import gsm8k, heldout_and_ood, sft_examples, train_split, unanswerable
 from densa.align.trl_model import DensaForTRL
 
 
@@ -34,7 +34,11 @@ def task_examples(recipe: Recipe, seed: int) -> tuple[list[dict], list[dict]]:
     if task.name == "gsm8k":
         return gsm8k("train")[:task.train_size], gsm8k("test")[:task.heldout_size]
     heldout, _ = heldout_and_ood(task.heldout_size, 0)
-    train = sft_examples(train_split(task.train_size, task.heldout_size), task.verbose_fraction, seed)
+    problems: list = train_split(task.train_size, task.heldout_size, task.validation_size)
+    if task.unanswerable_fraction:  # mixed in; both trainers shuffle, so appending is enough
+        held = {u.question for name in ("heldout", "ood", "validation") for u in unanswerable(name, task.heldout_size)}
+        problems += unanswerable("train", round(task.unanswerable_fraction * task.train_size), exclude=held)
+    train = sft_examples(problems, task.verbose_fraction, seed)
     return train, sft_examples(heldout, 0.0, seed)
 
 

@@ -36,8 +36,7 @@ class _Backbone:
         pos = Positions.build(*input_ids.shape, input_ids.device, attention_mask, None)
         x = m.embed_tokens(input_ids)  # (B, T, D)
         for layer in m.layers:
-            x = layer(x, pos, None)
-        m._routing_aux()  # MoE layers record routing metrics per forward; drop them (GRPO adds no router loss)
+            x, _ = layer(x, pos, None)  # routing metrics are dropped: GRPO adds no router loss
         return BaseModelOutput(last_hidden_state=m.norm(x))
 
 

@@ -73,8 +73,9 @@ def _peak_kb(method: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
 
-def measure(kind: str, T: int, reps: int) -> dict[str, float | str]:
-    """Time and peak memory of forward+backward of one `kind` layer at length T, in this process.
+def measure(kind: str, T: int, reps: int, mode: str = "eager") -> dict[str, float | str]:
+    """Time and peak memory of forward+backward of one `kind` layer at length T, in this process; `mode`
+    "compiled" runs it through `torch.compile` (its warm-up pass compiles; the peak then includes compilation).
 
     The memory figure is only meaningful in a fresh process (`measure_isolated`): memory the allocator kept from
     earlier cases would absorb part of this one's peak."""
@@ -82,6 +83,7 @@ def measure(kind: str, T: int, reps: int) -> dict[str, float | str]:
     layer = build_layer(kind)
     x_BTD = torch.randn(1, T, HIDDEN, requires_grad=True)
     pos = Positions.build(1, T, x_BTD.device, attention_mask=None, cache=None)  # positions 0..T-1, no padding
+    forward = torch.compile(layer) if mode == "compiled" else layer
     method, base_kb = _reset_peak()
     times, cpu_start = [], 0.0
     for i in range(reps + 1):  # run 0 is the warm-up
@@ -90,7 +92,7 @@ def measure(kind: str, T: int, reps: int) -> dict[str, float | str]:
         if i == 1:
             cpu_start = time.process_time()
         start = time.perf_counter()
-        layer(x_BTD, pos).sum().backward()
+        forward(x_BTD, pos).sum().backward()
         if i:
             times.append(time.perf_counter() - start)
     # CPU seconds per wall second over the timed runs: well below the thread count means the machine was shared
@@ -100,32 +102,44 @@ def measure(kind: str, T: int, reps: int) -> dict[str, float | str]:
             "params": sum(p.numel() for p in layer.parameters()), "memory_method": method, "cpu_util": cpu_util}
 
 
-def measure_isolated(kind: str, T: int, reps: int) -> dict[str, float | str]:
+def measure_isolated(kind: str, T: int, reps: int, mode: str = "eager") -> dict[str, float | str]:
     """`measure` in a fresh Python process, so each case's peak memory is its own."""
-    code = f"import json; from densa.bench.attention import measure; print(json.dumps(measure({kind!r}, {T}, {reps})))"
+    code = ("import json; from densa.bench.attention import measure; "
+            f"print(json.dumps(measure({kind!r}, {T}, {reps}, {mode!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"bench case {kind} T={T} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_cases(lengths: tuple[int, ...], reps: int, isolated: bool = True) -> dict[str, float | int | str]:
-    """Measure both layers at every length; flat result with per-T keys `{densa,dense}_{ms,peak_mb}_{T}`.
-    `isolated=False` runs the cases in this process (fast, for tests; the memory figures then mean little)."""
+def run_cases(lengths: tuple[int, ...], reps: int, isolated: bool = True,
+              modes: tuple[str, ...] = ("eager",)) -> dict[str, float | int | str]:
+    """Measure both layers at every length; flat result with per-T keys `{densa,dense}_{ms,peak_mb}_{T}` (eager)
+    and `{densa,dense}_compiled_ms_{T}`; `ratio_at_max_T` compares each layer's faster mode (best with best),
+    `ratio_at_max_T_{mode}` one mode. `isolated=False` runs the cases in this process (fast, for tests; the memory
+    figures then mean little)."""
     result: dict[str, float | int | str] = {"hidden_size": HIDDEN, "batch_size": 1, "dtype": "float32",
-                                            "threads": torch.get_num_threads(), "reps": reps}
+                                            "threads": torch.get_num_threads(), "reps": reps, "modes": ",".join(modes)}
     for T in lengths:
-        for kind in KINDS:
-            case = measure_isolated(kind, T, reps) if isolated else measure(kind, T, reps)
-            result[f"{kind}_ms_{T}"] = round(case["ms"], 2)
-            result[f"{kind}_peak_mb_{T}"] = round(case["peak_mb"], 1)
-            result[f"{kind}_params"] = case["params"]
-            result["memory_method"] = case["memory_method"]
-            print(f"  {kind:5s} T={T:6d}  {case['ms']:9.1f} ms  peak {case['peak_mb']:7.1f} MB  "
-                  f"(CPU busy x{case['cpu_util']:.2f} of {result['threads']} threads)", file=sys.stderr, flush=True)
+        for mode in modes:
+            for kind in KINDS:
+                case = measure_isolated(kind, T, reps, mode) if isolated else measure(kind, T, reps, mode)
+                name = kind if mode == "eager" else f"{kind}_compiled"
+                result[f"{name}_ms_{T}"] = round(case["ms"], 2)
+                result[f"{kind}_params"] = case["params"]
+                if mode == "eager":
+                    result[f"{kind}_peak_mb_{T}"] = round(case["peak_mb"], 1)
+                    result["memory_method"] = case["memory_method"]
+                print(f"  {kind:5s} {mode:8s} T={T:6d}  {case['ms']:9.1f} ms  peak {case['peak_mb']:7.1f} MB  "
+                      f"(CPU busy x{case['cpu_util']:.2f} of {result['threads']} threads)", file=sys.stderr,
+                      flush=True)
     T, T0 = max(lengths), min(lengths)
     result["max_T"] = T
-    result["ratio_at_max_T"] = round(result[f"densa_ms_{T}"] / result[f"dense_ms_{T}"], 4)
+    best = {kind: min(result[f"{kind}{'' if m == 'eager' else '_compiled'}_ms_{T}"] for m in modes) for kind in KINDS}
+    result["ratio_at_max_T"] = round(best["densa"] / best["dense"], 4)
+    for mode in modes:
+        name = "" if mode == "eager" else "_compiled"
+        result[f"ratio_at_max_T_{mode}"] = round(result[f"densa{name}_ms_{T}"] / result[f"dense{name}_ms_{T}"], 4)
     if result[f"dense_peak_mb_{T}"] > 0:  # (in-process runs may measure no growth at all)
         result["memory_ratio_at_max_T"] = round(result[f"densa_peak_mb_{T}"] / result[f"dense_peak_mb_{T}"], 4)
     # densa's ms per token at the largest T over that at the smallest: 1.0 = exactly linear growth
@@ -133,8 +147,9 @@ def run_cases(lengths: tuple[int, ...], reps: int, isolated: bool = True) -> dic
     return result
 
 
-def run(quick: bool) -> dict[str, float | int | str]:
+def run(quick: bool, modes: tuple[str, ...] | None = None) -> dict[str, float | int | str]:
     lengths, reps = (QUICK_LENGTHS, 3) if quick else (LENGTHS, 5)
-    print(f"bench attention: T in {lengths}, {reps} timed reps after 1 warm-up, one subprocess per case",
-          file=sys.stderr, flush=True)
-    return run_cases(lengths, reps)
+    modes = modes or (("eager",) if quick else ("eager", "compiled"))
+    print(f"bench attention: T in {lengths}, modes {modes}, {reps} timed reps after 1 warm-up, one subprocess per "
+          "case", file=sys.stderr, flush=True)
+    return run_cases(lengths, reps, modes=modes)

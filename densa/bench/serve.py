@@ -1,10 +1,12 @@
 """`densa bench serve`: a live `densa serve` under 1, 4 and 8 concurrent streaming clients.
 
 Choices (docs/serving.md and docs/benchmarks.md give the figures):
-- Model: `from_preset("cpu-small")` (8.3M parameters, densa mixer, dense FFN) with *untrained* weights, which is
-  fine for speed (every decode step runs the same operations whatever the weights), plus a byte-level BPE tokenizer
-  trained on the embedded tiny-shakespeare. Written to a temporary directory and served by a `densa serve`
-  subprocess, so the clients (threads of this process) do not share the server's interpreter lock.
+- Models, one server after the other: densa = `from_preset("cpu-small-moe")` (Mega mixer + dynamic MoE, 18.1M
+  parameters, 7.5M active) and `dense` = its dense twin of the same active parameters (densa/bench/decode.py
+  `dense_twin`), both with *untrained* weights, which is fine for speed (every decode step runs the same operations
+  whatever the weights; the MoE's routing is its untrained router's), plus a byte-level BPE tokenizer trained on the
+  embedded tiny-shakespeare. Each is written to a temporary directory and served by a `densa serve` subprocess, so
+  the clients (threads of this process) do not share the server's interpreter lock.
 - Load: each client sends streaming /v1/completions requests back to back, `max_tokens` fixed, `ignore_eos` so every
   request generates exactly that many tokens, greedy, and `logprobs: 0` so the server sends one event per token
   (untrained models emit partial UTF-8 characters, whose text the server holds back; the per-token logprobs event
@@ -13,6 +15,8 @@ Choices (docs/serving.md and docs/benchmarks.md give the figures):
   last response finished); `ttft_ms_p50/p90_c{c}` = request sent to first token event; `ms_per_token_p50/p90_c{c}`
   = (last token event − first) ÷ (tokens − 1) per request; `usd_per_1m_tokens_c{c}` = the server's metered $ of the
   phase (x_densa.usd) per million generated tokens. `batching_speedup` = tok_s_c8 ÷ tok_s_c1 (goal >= 3).
+  Unprefixed keys are densa's; `dense_` keys the twin's; `densa_vs_dense_tok_s_c{c}` = densa ÷ dense tokens/s
+  (goal at 8 clients: >= 1).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from pathlib import Path
 import requests
 import torch
 
+from densa.bench.decode import dense_twin
 from densa.checkpoint import save_checkpoint
-from densa.config import from_preset
+from densa.config import ModelConfig, from_preset
 from densa.data.corpora import corpus_texts
 from densa.data.tokenizer import train_tokenizer
 from densa.model.model import DensaModel
@@ -45,13 +50,13 @@ def _percentile(values: list[float], q: float) -> float:
         float(values[0])
 
 
-def _write_model(root: Path) -> Path:
+def _write_model(root: Path, name: str, cfg: ModelConfig) -> Path:
     torch.manual_seed(0)
-    model = DensaModel(from_preset("cpu-small"))
-    save_checkpoint(model, root / "cpu-small")
+    model = DensaModel(cfg)
+    save_checkpoint(model, root / name)
     text = next(corpus_texts("tinyshakespeare"))[:300_000]
-    train_tokenizer([text], vocab_size=model.config.vocab_size).save_pretrained(str(root / "cpu-small"))
-    return root / "cpu-small"
+    train_tokenizer([text], vocab_size=model.config.vocab_size).save_pretrained(str(root / name))
+    return root / name
 
 
 def _start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
@@ -142,20 +147,26 @@ def run(quick: bool) -> dict:
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
     lines = [ln for ln in next(corpus_texts("tinyshakespeare")).splitlines() if len(ln) > 30]
     prompts = [" ".join(lines[i : i + 2]) for i in range(0, 200, 2)]  # about 20-30 tokens each
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = _start_server(_write_model(Path(tmp)), threads)
-        try:
-            _phase(url, "cpu-small", prompts, 2, 1, 8)  # warm-up: first forwards, allocator, connection setup
-            out: dict = {"model": "cpu-small (untrained)", "threads": threads, "max_tokens": max_tokens}
-            for c in CONCURRENCY:
-                for key, value in _phase(url, "cpu-small", prompts, c, per_client[c], max_tokens).items():
-                    out[f"{key}_c{c}"] = round(value, 9 if key.startswith("usd") else 2)
-        finally:
-            proc.terminate()
+    densa_cfg = from_preset("cpu-small-moe")
+    out: dict = {"model": "cpu-small-moe (untrained)", "dense_model": "its dense twin (untrained)",
+                 "dense_intermediate_size": dense_twin(densa_cfg).intermediate_size, "threads": threads,
+                 "max_tokens": max_tokens}
+    for prefix, name, cfg in (("", "densa", densa_cfg), ("dense_", "dense", dense_twin(densa_cfg))):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, url = _start_server(_write_model(Path(tmp), name, cfg), threads)
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # never leave a server behind
-                proc.kill()
-                proc.wait()
-    out["batching_speedup"] = round(out["tok_s_c8"] / out["tok_s_c1"], 2)
+                _phase(url, name, prompts, 2, 1, 8)  # warm-up: first forwards, allocator, connection setup
+                for c in CONCURRENCY:
+                    for key, value in _phase(url, name, prompts, c, per_client[c], max_tokens).items():
+                        out[f"{prefix}{key}_c{c}"] = round(value, 9 if key.startswith("usd") else 2)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # never leave a server behind
+                    proc.kill()
+                    proc.wait()
+        out[f"{prefix}batching_speedup"] = round(out[f"{prefix}tok_s_c8"] / out[f"{prefix}tok_s_c1"], 2)
+    for c in CONCURRENCY:
+        out[f"densa_vs_dense_tok_s_c{c}"] = round(out[f"tok_s_c{c}"] / out[f"dense_tok_s_c{c}"], 3)
     return out

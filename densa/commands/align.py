@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=["grpo", "simpo"], default=None,
                         help="override the recipe's align.method")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
-                        help="override a recipe field, e.g. grpo.steps=50, reward.length=arora, reward.weight=0.2")
+                        help="override a recipe field, e.g. grpo.steps=50, reward.length=gated (none, kimi, arora, "
+                             "gated, shortest, truncation), grpo.dynamic_sampling=true, grpo.beta=0.04")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

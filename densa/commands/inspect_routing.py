@@ -43,8 +43,8 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError("--text is empty")
     ids, pieces = tokenize(model_dir, args.text, cfg.vocab_size)
     with torch.no_grad():
-        model(torch.tensor([ids]))
-    used_LT = torch.stack([mlp.last_ffn_experts_BL[0] for _, mlp in layers])  # (MoE layers, tokens)
+        used_LBT = model(torch.tensor([ids])).ffn_experts  # (layers, 1, tokens)
+    used_LT = used_LBT[[i for i, _ in layers], 0]  # (MoE layers, tokens)
     budget = f"target {cfg.target_active_experts:g}" if cfg.ffn == "moe" else "top-k"
     print(f"FFN experts per token ({cfg.ffn}, {cfg.num_experts} experts, {cfg.num_experts_per_tok} slots, {budget})")
     header = "".join(f"{f'L{i}':>5}" for i, _ in layers)

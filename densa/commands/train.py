@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.epilog = ("several processes: torchrun --nproc-per-node N -m densa.cli train ... (train.distributed: auto, "
-                     "ddp or fsdp2; train.batch_size is the global batch); docs/training.md §7")
+                     "ddp or fsdp2; train.batch_size is the global batch); docs/training.md, 'Distributed'")
 
 
 def main(args: argparse.Namespace) -> None:

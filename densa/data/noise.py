@@ -1,8 +1,9 @@
 """A seeded generator of low-value noise mixed into real text, so the value of every character is known.
 
-Rho-1 (training.md §1.1) argues that a corpus holds tokens of very different value: some are already learned or
-trivially learnable (boilerplate, repeats), some are unlearnable (random strings, scrambled text), and only the rest
-are worth the gradient. `inject_noise` builds such a corpus from clean documents with a known mix:
+Rho-1 (docs/design-notes.md, 'Rho-1 selective language modelling') argues that a corpus holds tokens of very
+different value: some are already learned or trivially learnable (boilerplate, repeats), some are unlearnable
+(random strings, scrambled text), and only the rest are worth the gradient. `inject_noise` builds such a corpus
+from clean documents with a known mix:
 
 - every document d gets its own noise-to-clean ratio r_d ~ Uniform(0, 2·rate / (1 − rate)) (characters of noise per
   clean character), so the share of noise characters in the corpus is about `rate` (a little less: see the next

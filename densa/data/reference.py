@@ -1,4 +1,5 @@
-"""Reference-model scoring for high-value-token training (Rho-1, training.md §1.1; docs/high-value-tokens.md).
+"""Reference-model scoring for high-value-token training (Rho-1, arXiv 2404.07965; docs/high-value-tokens.md,
+'Reference scores').
 
 `score_reference(data_dir, MODEL)` runs a reference model once over a prepared folder's train stream and writes, next
 to each token shard `train-0000k.bin`, a float16 file `train-0000k.refloss.bin` of the same length:
@@ -126,7 +127,7 @@ def score_reference(data_dir: str | Path, model: str | DensaModel, context: int 
 
 def reference_cost(manifest: dict) -> float:
     """The FLOPs a run that uses the reference scores is charged once: scoring the whole train split plus the
-    reference model's own training when recorded (docs/high-value-tokens.md §FLOP accounting)."""
+    reference model's own training when recorded (docs/high-value-tokens.md, 'FLOP accounting')."""
     reference = manifest.get("reference")
     if reference is None:
         raise ValueError(f"data of corpus {manifest.get('corpus')!r} has no reference scores; token_selection and "

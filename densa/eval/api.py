@@ -6,10 +6,12 @@ run the seeded item subset through lm-eval a chunk at a time (densa.eval.runner)
 chunk, and finally write the Markdown/HTML report, plots and model-card snippets (densa.eval.report).
 
 Output folder layout:
-    results.json            {"meta": {...}, "records": [...]}: one record per model x task (docs/eval.md)
+    results.json            {"meta": {...}, "records": [...]}: one record per model x task (docs/eval.md), each with
+                            its `task_cost` (densa.eval.task_cost)
     report.md, report.html  tables, plots (score_vs_cost.png, token_value.png), model-index YAML per model
-    items/<model>/<task>.jsonl  one line per finished item (what --resume skips)
-    cost/<model>.json       the latency probe
+    items/<model-slug>/<task>.jsonl  one line per finished item (what --resume skips); <model-slug> is the MODEL
+                            as typed, made filename-safe, plus 8 hex digits of its sha256 (`_slug`)
+    cost/<model-slug>.json  the latency probe
     run.json                the run's settings (a resumed run must use the same tasks, limits and seed)
 """
 
@@ -23,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from densa.eval import benchmarks, measure, report, runner, scores
-from densa.eval.models import EvalModel, is_endpoint, load, parse_endpoint
+from densa.eval import benchmarks, measure, report, runner, scores, task_cost
+from densa.eval.models import DEFAULT_KEY_ENV, EvalModel, is_chat_endpoint, is_endpoint, load, parse_endpoint
 
 # The embedded default: where a 135M model is above chance (commonsense), bits per byte, and a small slice of the
 # generative tasks (where Token Value applies). Sized to finish in <= 10 minutes on 2 CPU cores for smollm2-135m
@@ -40,11 +42,15 @@ def evaluate(models: list[str], tasks: list[str] | str, limit: int | dict[str, i
              seed: int = 0, batch_size: int = 8, hardware: str | None = None, usd_per_hour: float | None = None,
              resume: bool = False, progress: bool = True, contamination_corpus: str | None = None,
              max_gen_toks: int | None = None, item_timeout_s: float = 300.0, endpoint_tokenizer: str | None = None,
-             labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+             labels: dict[str, str] | None = None, api_key_env: str = DEFAULT_KEY_ENV, price_in: float | None = None,
+             price_out: float | None = None, chat_template: bool = False) -> list[dict[str, Any]]:
     """Evaluate `models` on `tasks` and write the report to `out`; returns the records (also in results.json).
 
     `limit` is one number for every task, a {task: n} dict (tasks not in it run in full), or None (all items).
     `labels` gives display names ({model spec: label}); the record's `model` is always the spec as given.
+    Endpoints send the key in the environment variable `api_key_env` and are priced at `price_in`/`price_out`
+    ($ per 1M input / output tokens) when given. `chat_template`: in-process models get their prompts through their
+    chat template, as `openai-chat:` endpoints do.
     """
     from densa.cost import usd_per_hour as price_per_hour
 
@@ -54,10 +60,13 @@ def evaluate(models: list[str], tasks: list[str] | str, limit: int | dict[str, i
     for spec in models:
         if is_endpoint(spec):
             parse_endpoint(spec)
+    _check_chat_tasks(models, task_names)
+    list_price = _list_price(price_in, price_out)
     price = price_per_hour(hardware, usd_per_hour)
     out = Path(out)
     settings = {"models": list(models), "tasks": task_names, "limit": limit, "seed": seed, "batch_size": batch_size,
-                "max_gen_toks": max_gen_toks}
+                "max_gen_toks": max_gen_toks, "chat_template": chat_template, "api_key_env": api_key_env,
+                "price_in": price_in, "price_out": price_out}
     _prepare_out(out, settings, resume)
     subsets = {t: benchmarks.subset(t, limit.get(t) if isinstance(limit, dict) else limit, seed) for t in task_names}
     meta = _meta(settings, price, hardware, usd_per_hour, subsets, labels or {})
@@ -69,15 +78,18 @@ def evaluate(models: list[str], tasks: list[str] | str, limit: int | dict[str, i
         label = (labels or {}).get(spec, spec)
         _say(progress, f"{label}: loading")
         model = load(spec, batch_size=batch_size, endpoint_tokenizer=endpoint_tokenizer,
-                     max_gen_toks=max_gen_toks or 256)
-        meta["models"][spec] = {"label": label, "kind": model.kind, "config_hash": model.config_hash, **model.info}
+                     max_gen_toks=max_gen_toks or 256, key_env=api_key_env, chat_template=chat_template)
         _say(progress, f"{label}: latency probe ({measure.PROMPT_TOKENS}-token prompts, {measure.NEW_TOKENS} new "
              f"tokens, batch 1 and {batch_size})")
         latency = _latency(model, out, batch_size, resume)
-        prices = measure.prices(latency, price)
+        prices, source = measure.prices(latency, price), f"densa metering (latency probe at ${price:g}/hour)"
+        if model.kind == "endpoint" and list_price is not None:
+            prices, source = list_price, "list price (--price-in/--price-out)"
+        meta["models"][spec] = {"label": label, "kind": model.kind, "config_hash": model.config_hash, **model.info,
+                                "chat_template": model.chat, "price_source": source}
         for task in task_names:
             store = runner.ItemStore(out / "items" / _slug(spec) / f"{task}.jsonl")
-            entry = {"store": store, "latency": latency, "prices": prices, "spent": None}
+            entry = {"store": store, "latency": latency, "prices": prices, "spent": None, "price_source": source}
             state[(spec, task)] = entry
             bar = _bar(progress, f"{meta['models'][spec]['label']} · {task}", len(subsets[task]),
                        sum(item in store.rows for item in subsets[task]))
@@ -86,9 +98,12 @@ def evaluate(models: list[str], tasks: list[str] | str, limit: int | dict[str, i
                 bar.update(n)
                 _write(out, meta, state, subsets, start)
 
+            task_start = time.perf_counter()
             runner.run_task(model, task, subsets[task], store, options, on_chunk=chunk_done)
             bar.close()
             entry["spent"] = _moe_spend(model, task, store)
+            _task_done(label, task, [store.rows[i] for i in subsets[task] if i in store.rows],
+                       time.perf_counter() - task_start)
         del model
     records = _write(out, meta, state, subsets, start)
     if contamination_corpus:
@@ -121,6 +136,48 @@ def default_models() -> tuple[list[str], dict[str, str]]:
     return models, labels
 
 
+def _check_chat_tasks(models: list[str], tasks: list[str]) -> None:
+    """A chat-only endpoint has no prompt log-probabilities: refuse the tasks that need them, before anything runs."""
+    needs = [t for t in tasks if benchmarks.TASKS[t].kind != "generate"]
+    chat = [spec for spec in models if is_chat_endpoint(spec)]
+    if chat and needs:
+        can = ", ".join(t for t, spec in benchmarks.TASKS.items() if spec.kind == "generate")
+        raise ValueError(f"{chat[0]} is a chat endpoint: {', '.join(needs)} need /v1/completions with prompt logprobs "
+                         f"(score them through openai:URL#MODEL); a chat endpoint runs {can}")
+
+
+def _list_price(price_in: float | None, price_out: float | None) -> dict[str, float] | None:
+    from densa.cost import blended_usd_per_1m
+
+    if price_in is None and price_out is None:
+        return None
+    if price_in is None or price_out is None or price_in < 0 or price_out < 0:
+        raise ValueError("--price-in and --price-out go together, each >= 0 ($ per 1M input / output tokens)")
+    return {"input": price_in, "output": price_out, "blended": blended_usd_per_1m(price_in, price_out)}
+
+
+def _task_done(label: str, task: str, rows: list[dict[str, Any]], wall: float) -> None:
+    """One line per finished task (with or without progress bars), and a warning naming the items whose generation
+    hit max_gen_toks."""
+    import sys
+
+    ok = [r for r in rows if r.get("ok")]
+    metric = benchmarks.TASKS[task].metric
+    summary = scores.summarize(task, rows, None) if rows else {"score": None}
+    score = f"{summary['score']:.3f}" if summary.get("score") is not None else "–"
+    tokens = [r["output_tokens"] for r in ok if r.get("output_tokens") is not None]
+    generative = benchmarks.TASKS[task].kind == "generate"
+    out_tok = f", {sum(tokens) / len(tokens):.1f} output tokens/item" if tokens and generative else ""
+    failed = f", {len(rows) - len(ok)} failed" if len(rows) > len(ok) else ""
+    print(f"{label} · {task}: {metric} {score} on {len(ok)} items{failed}{out_tok} ({wall:.0f} s)", flush=True)
+    hits = [r for r in ok if r.get("hit_max_gen_toks")]
+    if hits:
+        shown = ", ".join(r["item"] for r in hits[:5]) + (", ..." if len(hits) > 5 else "")
+        print(f"warning: {label} · {task}: {len(hits)} of {len(ok)} generations stopped at max_gen_toks="
+              f"{hits[0].get('max_gen_toks')} (answers may be cut short): {shown}; all in report.md", file=sys.stderr,
+              flush=True)
+
+
 def _prepare_out(out: Path, settings: dict[str, Any], resume: bool) -> None:
     run_file = out / "run.json"
     if run_file.is_file():
@@ -128,6 +185,7 @@ def _prepare_out(out: Path, settings: dict[str, Any], resume: bool) -> None:
             raise FileExistsError(f"--out {out} holds a previous run; pass --resume to continue it or choose another")
         previous = json.loads(run_file.read_text())
         changed = [k for k in ("tasks", "limit", "seed", "max_gen_toks") if previous.get(k) != settings[k]]
+        changed += ["chat_template"] if previous.get("chat_template", False) != settings["chat_template"] else []
         if changed:
             raise ValueError(f"--resume: {', '.join(changed)} differ from the run in {out} ({run_file})")
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +225,9 @@ def _latency(model: EvalModel, out: Path, batch_size: int, resume: bool) -> dict
     path = out / "cost" / f"{_slug(model.name)}.json"
     if resume and path.is_file():
         return json.loads(path.read_text())
-    probe = measure.probe_endpoint if model.model is None else measure.probe_local
+    from densa.eval.endpoint import probe as probe_endpoint
+
+    probe = probe_endpoint if model.model is None else measure.probe_local
     latency = probe(model, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(latency, indent=2) + "\n")
@@ -210,7 +270,8 @@ def _write(out: Path, meta: dict[str, Any], state: dict[tuple[str, str], dict[st
                    "throughput_tokens_per_s": latency["throughput_tokens_per_s"],
                    "latency_probe": {"prompt_tokens": latency["prompt_tokens"], "new_tokens": latency["new_tokens"],
                                      "batch_size": b},
-                   "usd_per_1m_tokens": entry["prices"], "contamination": None}
+                   "usd_per_1m_tokens": entry["prices"], "contamination": None,
+                   "task_cost": task_cost.summarize(rows, entry["prices"], entry["price_source"])}
         records.append(record)
     meta["wall_s"] = time.perf_counter() - start
     report.write_results(out, meta, records)

@@ -2,8 +2,9 @@
 
 A densa task is one score: an lm-eval task (or, for MMLU, the 57 per-subject tasks pooled as one micro-averaged
 score), the metric that is its headline number, and what kind of work it asks of the model (log-likelihood scoring,
-generation, or rolling log-likelihood for bits per byte). Items are addressed as `subtask/doc_index`; a `--limit N`
-subset is a seeded draw without replacement from all items, so it is the same on every run and machine.
+generation, or rolling log-likelihood for bits per byte). `mmlu_gen` is MMLU scored by generation (the answer letter
+extracted from what the model writes), what a chat-only endpoint can run. Items are addressed as `subtask/doc_index`;
+a `--limit N` subset is a seeded draw without replacement from all items, so it is the same on every run and machine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class TaskSpec:
     chance: float | None = None  # the score of guessing (majority class for BoolQ); None where it does not apply
     higher_is_better: bool = True
     num_fewshot: int | None = None  # what the YAML sets; recorded in results
+    same_items_as: str | None = None  # draw --limit subsets as this task does (same questions, comparable scores)
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
@@ -39,6 +41,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("boolq", "densa_boolq", "acc", "loglikelihood", 0.622),
     TaskSpec("openbookqa", "densa_openbookqa", "acc_norm", "loglikelihood", 0.25),
     TaskSpec("mmlu", "densa_mmlu", "acc", "loglikelihood", 0.25, num_fewshot=5),
+    TaskSpec("mmlu_gen", "densa_mmlu_gen", "exact_match,letter", "generate", 0.25, num_fewshot=5,
+             same_items_as="mmlu"),
     TaskSpec("gsm8k", "densa_gsm8k_cot", "exact_match,strict-match", "generate", 0.0, num_fewshot=8),
     TaskSpec("humaneval", "densa_humaneval", "pass@1", "generate", 0.0),
     TaskSpec("humanevalplus", "densa_humanevalplus", "pass@1", "generate", 0.0),
@@ -100,13 +104,14 @@ def all_items(name: str) -> list[str]:
 
 def subset(name: str, limit: int | None, seed: int) -> list[str]:
     """The evaluated items: all of them, or `limit` drawn without replacement with a seed derived from (seed, task)
-    (numpy's PCG64, stable across platforms), in item order."""
+    (numpy's PCG64, stable across platforms), in item order. A task with `same_items_as` (generative MMLU) draws the
+    positions its twin draws, so both score the same questions."""
     items = all_items(name)
     if limit is None or limit >= len(items):
         return items
     if limit < 1:
         raise ValueError(f"--limit {limit}: must be >= 1")
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    rng = np.random.default_rng([seed, zlib.crc32((TASKS[name].same_items_as or name).encode())])
     picked = np.sort(rng.choice(len(items), size=limit, replace=False))
     return [items[i] for i in picked]
 

@@ -1,17 +1,21 @@
 """HumanEval and HumanEval+ pass@1, scored in densa's process-isolated executor (docs/sandbox.md).
 
-HumanEval (Chen et al. 2021, openai/human-eval): the program is `prompt + completion + "\\n" + test + "\\n" +
-f"check({entry_point})"`, exactly as human-eval's `check_correctness` builds it; it passes if it runs to the end.
+HumanEval (Chen et al. 2021, openai/human-eval): human-eval runs `prompt + completion + "\\n" + test + "\\n" +
+f"check({entry_point})"` as one program and counts it correct if it runs to the end. Here the untrusted part,
+`prompt + completion`, runs in the sandbox and only computes; the trusted part, the prompt (for its helpers, e.g.
+`poly`) and `test`, runs in densa's judge process as `check(candidate)`, with `candidate` a stub that calls the
+sandboxed `entry_point` and gets back plain data (docs/sandbox.md). The item passes when `check` returns.
 
 HumanEval+ (Liu et al. 2023, EvalPlus v0.1.10): the same prompts, judged differentially like evalplus's
 `unsafe_execute`. Its `test` here is generated: `check(candidate)` runs EvalPlus's canonical solution and the
 candidate on every `base_input` and `plus_input` (deep copies), and compares the outputs: exact equality, or within
 `atol` (rtol 1e-7) when the expected output is a float or a sequence of floats (atol 1e-6 where the task gives 0),
 and for `find_zero` (HumanEval/32) |poly(xs, out)| <= atol. Like evalplus, each input gets a time limit of
-max(1 s, 4 x the canonical solution's time on it) and the first failing input ends the check. Differences from
-evalplus: the reference outputs are computed inside the same sandbox run instead of a cached ground-truth pass (so
-a run costs the reference's time too: about 25 s of CPU for all 164 here), and the whole program has a wall-clock
-limit of PLUS_TIMEOUT_S.
+max(1 s, 4 x the canonical solution's time on it) and the first failing input ends the check; here that time also
+counts carrying an answer of the reference's size back from the sandbox (`candidate.transfer_s`). Differences from
+evalplus: the reference outputs are computed by the trusted check, in the judge, during the run instead of in a
+cached ground-truth pass (so a run costs the reference's time too: about 25 s of CPU for all 164 here), and the
+whole item has a wall-clock limit of PLUS_TIMEOUT_S.
 
 Stop sequences: lm-eval's `humaneval` task (lm_eval/tasks/humaneval/humaneval.yaml, generation_kwargs.until),
 the ones the Codex paper used.
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densa.eval.sandbox import Limits, SandboxResult, run_many
+from densa.eval.sandbox import Check, Limits, SandboxResult, run_checks
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 PLUS_TIMEOUT_S = 60.0  # wall clock for one HumanEval+ program (evalplus's EVALPLUS_TIMEOUT_PER_TASK default)
@@ -68,7 +72,7 @@ def plus_test(row: dict) -> str:
     return f'''
 
 def check(candidate):
-    import copy, json, math, signal, time
+    import copy, json, math, time
 
     def same(out, exp, inp, atol):
         if {row["entry_point"] == "find_zero"!r}:  # HumanEval/32: any root will do
@@ -85,39 +89,39 @@ def check(candidate):
         pairs = list(zip(out, exp, strict=True)) if isinstance(exp, (list, tuple)) else [(out, exp)]
         assert all(abs(o - e) <= atol + 1e-07 * abs(e) for o, e in pairs), "output not within atol"
 
-    def alarm(signum, frame):
-        raise TimeoutError("input time limit exceeded")
-
     reference = {{}}
     exec({reference!r}, reference)
     expected_of = reference[{row["entry_point"]!r}]
-    signal.signal(signal.SIGALRM, alarm)
     for inp in json.loads({inputs!r}):
         start = time.perf_counter()
         exp = expected_of(*copy.deepcopy(inp))
-        limit = max({PLUS_MIN_TIME_S!r}, {PLUS_TIME_FACTOR!r} * (time.perf_counter() - start))
-        signal.setitimer(signal.ITIMER_REAL, limit)
-        try:
-            out = candidate(*copy.deepcopy(inp))
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        seconds = time.perf_counter() - start + candidate.transfer_s(exp)  # computing, plus bringing the answer back
+        limit = max({PLUS_MIN_TIME_S!r}, {PLUS_TIME_FACTOR!r} * seconds)
+        out = candidate.call_within(limit, *inp)  # TimeoutError past the limit; the program gets its own copy
         same(out, exp, inp, {row["atol"]!r})
 '''
 
 
 def program(problem: dict, completion: str) -> str:
-    """The program human-eval runs for one completion."""
-    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
+    """The untrusted program for one completion: the prompt continued by the model (no tests in it)."""
+    return problem["prompt"] + completion + "\n"
+
+
+def item(problem: dict, completion: str) -> Check:
+    """One judged item: the program runs sandboxed; the prompt (its helpers) and the tests run in the judge."""
+    return Check(program(problem, completion), problem["entry_point"], problem["prompt"] + "\n" + problem["test"])
 
 
 def execute(problems: list[dict], completions: list[str], timeout_s: float = 10.0, workers: int | None = None,
             progress: bool = False) -> list[SandboxResult]:
-    """Run every (problem, completion) program in the sandbox; the full results (status, time, stderr)."""
+    """Judge every (problem, completion) in the sandbox; the full results (status, time, stderr). The program sees
+    the benchmark folder empty, so it cannot read the answers."""
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
-    limits = [Limits(timeout_s=max(timeout_s, float(p.get("min_timeout_s") or 0.0))) for p in problems]
-    sources = [program(p, c) for p, c in zip(problems, completions, strict=True)]
-    return run_many(sources, limits, workers=workers, progress=progress, desc="humaneval")
+    hidden = (str(benchmarks_root()),)
+    limits = [Limits(timeout_s=max(timeout_s, float(p.get("min_timeout_s") or 0.0)), hidden=hidden) for p in problems]
+    items = [item(p, c) for p, c in zip(problems, completions, strict=True)]
+    return run_checks(items, limits, workers=workers, progress=progress, desc="humaneval")
 
 
 def score(problems: list[dict], completions: list[str], timeout_s: float = 10.0, *, workers: int | None = None,

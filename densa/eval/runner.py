@@ -5,7 +5,14 @@ prompts, batches the requests and scores them; this module only chooses which it
 per-sample log into one JSON line per item (metrics, prompt/output text, tokens, bytes, FLOPs) appended to
 `items/<model>/<task>.jsonl` as soon as the chunk ends. So a run can stop at any point and `--resume` continues with
 the items that have no line yet. A chunk that raises is retried item by item; an item that still raises, or whose
-generation runs past `item_timeout_s`, gets a line with `"ok": false` and the error, and the run goes on.
+generation runs past `item_timeout_s`, gets a line with `"ok": false` and the error, and the run goes on. A problem
+with an endpoint itself (a refused key, malformed JSON, still overloaded after every retry: `EndpointError`) stops
+the run instead, so nothing is recorded from it and `--resume` picks up there.
+
+Each line keeps lm-eval's raw responses (`lm_eval.resps`: per choice the log-likelihood and is-greedy flag, or the
+generated text; `lm_eval.filtered`: per filter what the metric saw), so a score can be checked item by item. For an
+endpoint that reports `usage`, token counts are the endpoint's own (`tokens_from: "usage"`), with its reasoning
+tokens and finish reason; `hit_max_gen_toks` marks a generation stopped by the token cap.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from densa.eval.benchmarks import TASKS, load_subtasks, split_item
+from densa.eval.endpoint import EndpointError, prompt_text, usage_fields
 from densa.eval.models import EvalModel
 
 
@@ -109,6 +117,8 @@ def _run_chunk(model: EvalModel, task: str, subtasks: dict[str, Any], chunk: lis
     start = time.perf_counter()
     try:
         rows = _evaluate(model, task, subtasks, chunk)
+    except EndpointError:  # the endpoint, not the item: stop the run
+        raise
     except Exception:  # noqa: BLE001 - one bad item must not stop the run; retry alone to find it
         if len(chunk) == 1:
             return [_failed(chunk[0], traceback.format_exc(limit=3))]
@@ -119,8 +129,8 @@ def _run_chunk(model: EvalModel, task: str, subtasks: dict[str, Any], chunk: lis
         return [row for item in chunk for row in _run_chunk(model, task, subtasks, [item], options)]
     if timed_out:
         return [_failed(chunk[0], f"timed out: generation ran past {options.item_timeout_s:g} s")]
-    for row in rows:
-        row["wall_s"] = wall / len(rows)
+    for row in rows:  # an endpoint's own per-request time, else the chunk's share
+        row["wall_s"] = row["wall_s"] if row.get("wall_s") is not None else wall / len(rows)
     return rows
 
 
@@ -156,7 +166,8 @@ def _evaluate(model: EvalModel, task: str, subtasks: dict[str, Any], chunk: list
         doc_ids[sub].append(index)
     with _quiet_progress():
         results = evaluate(_Quiet(model.lm), {sub: subtasks[sub] for sub in doc_ids}, samples=dict(doc_ids),
-                           log_samples=True, bootstrap_iters=0, confirm_run_unsafe_code=True)
+                           log_samples=True, bootstrap_iters=0, confirm_run_unsafe_code=True,
+                           apply_chat_template=model.chat)
     rows = []
     for sub, samples in results["samples"].items():
         by_doc: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -170,7 +181,8 @@ def _evaluate(model: EvalModel, task: str, subtasks: dict[str, Any], chunk: list
 
 
 def item_row(model: EvalModel, task: str, item: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """One item's line: metrics of every filter (`metric` or `metric,filter`), texts, tokens, bytes and FLOPs."""
+    """One item's line: metrics of every filter (`metric` or `metric,filter`), texts, tokens, bytes, FLOPs, and
+    lm-eval's raw and filtered responses."""
     metrics: dict[str, Any] = {}
     for sample in samples:
         for name in sample["metrics"]:
@@ -183,20 +195,48 @@ def item_row(model: EvalModel, task: str, item: str, samples: list[dict[str, Any
     first = samples[0]
     kind = TASKS[task].kind
     args = [tuple(a) for a in first["arguments"]]
+    prompt = prompt_text(args[0][0])  # a chat prompt is its messages as JSON
     if kind == "generate":
-        prompt, output = args[0][0], first["resps"][0][0]
+        output = first["resps"][0][0]
         sequences = [(prompt, output)]
     elif kind == "bpb":
-        prompt, output = args[0][0], None
+        output = None
         sequences = [(prompt, "")]
     else:
-        prompt, output = args[0][0], None
-        sequences = [(a[0] + a[1], "") for a in args]  # every choice is a scored sequence
+        output = None
+        sequences = [(prompt_text(a[0]) + a[1], "") for a in args]  # every choice is a scored sequence
     row: dict[str, Any] = {"item": item, "ok": True, "metrics": metrics, "prompt": prompt, "output": output,
                            "target": str(first["target"]), "prompt_bytes": _nbytes(prompt),
                            "output_bytes": _nbytes(output) if output is not None else 0}
     row.update(_token_costs(model, prompt, output, sequences, rolling=kind == "bpb"))
+    row["tokens_from"] = "tokenizer" if row["output_tokens"] is not None else None
+    if kind == "generate":
+        cap = args[0][1].get("max_gen_toks") if len(args[0]) > 1 and isinstance(args[0][1], dict) else None
+        row |= {"max_gen_toks": cap, "reasoning_tokens": None, "finish_reason": None}
+        metered = getattr(model.lm, "usage", {}).get(prompt)
+        if metered is not None:
+            row |= _billed(row, usage_fields(metered))
+        counted = row["output_tokens"]
+        row["hit_max_gen_toks"] = (row["finish_reason"] == "length" if row["finish_reason"] is not None
+                                   else cap is not None and counted is not None and counted >= cap)
+    row["lm_eval"] = {"resps": _plain(first["resps"]),
+                      "filtered": {sample["filter"]: _plain(sample["filtered_resps"]) for sample in samples}}
     return row
+
+
+def _billed(row: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint's own counts where it reports them (what it bills), and its time for the request."""
+    out = {"reasoning_tokens": usage["reasoning_tokens"], "finish_reason": usage["finish_reason"],
+           "wall_s": usage["wall_s"]}
+    if usage["output_tokens"] is not None and usage["prompt_tokens"] is not None:
+        out |= {"prompt_tokens": usage["prompt_tokens"], "output_tokens": usage["output_tokens"],
+                "processed_tokens": usage["prompt_tokens"] + usage["output_tokens"], "tokens_from": "usage"}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy (tuples become lists; anything exotic its string)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _nbytes(text: str) -> int:

@@ -1,61 +1,65 @@
-"""Run untrusted Python (model-written code) in a separate, limited process (docs/sandbox.md).
+"""Run untrusted Python (model-written code) in a separate, limited process; judge it from another (docs/sandbox.md).
 
-Every program gets a fresh interpreter (`python -I -B -S`: no user site, no PYTHON* variables, no script directory
-on sys.path, no bytecode writes, and by default only the standard library) in its own session, inside a fresh
-temporary directory that is deleted afterwards, with a stripped environment and stdin on /dev/null. Layers, from the
-kernel up:
+Three processes take part. densa (this module) never runs untrusted code nor test code. Per worker slot it keeps a
+trusted judge process (densa/eval/sandbox_judge.py), which for each item starts the untrusted program in a fresh
+sandboxed child (densa/eval/sandbox_launcher.py) and decides the verdict:
 
-- resource limits (setrlimit in the child): address space, CPU seconds, size of any file written (stdout and stderr
-  included, so output is capped too), open files, no core dumps, and no new processes (RLIMIT_NPROC);
-- a wall-clock timeout after which the whole process group is killed (start_new_session + os.killpg);
-- where the kernel allows it, new user and network namespaces (unshare(2)): no network interface but a loopback that
-  is down, and RLIMIT_NPROC is enforced even when densa runs as root;
-- a Python audit hook (PEP 578) installed before the program runs that refuses process creation, signals, sockets,
-  ctypes, and any filesystem write, delete, rename or chdir outside the sandbox directory.
+- `run(source)`: the program passes when it returns normally (the program's own report: fine for trusted probes,
+  not a verdict on hostile code);
+- `run_check(program, entry_point, check)`: the judge runs the trusted test code `check(candidate)` itself, with
+  `candidate` a stub that calls the program's `entry_point` over a pipe and gets back plain data (tagged JSON). The
+  program only computes: nothing it does can reach the verdict.
 
-The audit hook works at the interpreter level and stops accidents and naive harm (what a language model writes);
-it is not a boundary against a determined attacker who targets the hook itself. For hostile code, run densa inside a
-container or VM. What holds regardless of the hook: the limits, the timeout and the process-group kill.
-
-The child's first code is densa/eval/sandbox_launcher.py (trusted, standard library only). A run passes only when
-the program returns normally, nothing was refused, and the launcher prints its per-run marker.
+The untrusted child gets, from the kernel up: new mount (everything read-only but its sandbox directory), network
+and IPC namespaces; its slot's own unprivileged uid (60000 + slot, when densa runs as root), so it cannot signal or
+trace any other program; a seccomp filter without sockets; resource limits (memory, CPU, file size, open files, no
+new processes); no inherited descriptor but its two pipes; death with its judge; and a Python audit hook that ends
+the process on a refused operation. A wall-clock limit is enforced by the judge, and densa kills a judge that
+overruns its own deadline.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
+import json
 import math
 import os
-import secrets
-import shutil
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from densa.eval import sandbox_launcher
-from densa.eval.sandbox_launcher import EXIT_LAUNCHER, EXIT_MEMORY, EXIT_REFUSED
+from densa.eval import sandbox_launcher  # noqa: F401 - imported so its bytecode is cached for every program
+
+JUDGE = Path(__file__).with_name("sandbox_judge.py")
 
 STATUSES = ("passed", "failed", "timeout", "memory", "error")
+UID_BASE = 60000  # slot k's programs run as uid/gid 60000 + k when densa is root
+JUDGE_GRACE_S = 10.0  # a judge may take 2 x timeout_s + this for one item (its test code runs too) before it is killed
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one program may use. The CPU-time limit is derived from the timeout (ceil + 1 s)."""
 
-    timeout_s: float = 10.0  # wall clock; on overrun the whole process group gets SIGKILL
+    timeout_s: float = 10.0  # wall clock for the whole item; on overrun the program gets SIGKILL
     memory_bytes: int = 2 << 30  # RLIMIT_AS (virtual address space): an allocation beyond it raises MemoryError
     file_bytes: int = 16 << 20  # RLIMIT_FSIZE: the largest file the program may write, stdout/stderr included
     open_files: int = 64  # RLIMIT_NOFILE
     output_chars: int = 4000  # how much of the end of stdout and stderr the result keeps
-    network_namespace: bool = True  # try unshare(CLONE_NEWUSER | CLONE_NEWNET); best effort, see docs/sandbox.md
+    namespaces: bool = True  # new mount (read-only tree), network and IPC namespaces; best effort, see docs/sandbox.md
     site_packages: bool = False  # also offer this environment's site-packages (numpy, ...); slower start
-    drop_root_to: int | None = 65534  # when densa runs as root, run the program as this uid/gid ("nobody")
+    unprivileged: bool = True  # when densa runs as root, run the program as its slot's uid (UID_BASE + slot)
     audit_hook: bool = True  # False only to test the kernel layers alone (tests/test_sandbox.py)
+    hidden: tuple[str, ...] = ()  # folders the program sees empty (an empty read-only tmpfs over each): answer keys
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -69,144 +73,173 @@ class Limits:
     def cpu_s(self) -> int:
         return math.ceil(self.timeout_s) + 1
 
+    def for_judge(self) -> dict:
+        return {"timeout_s": self.timeout_s, "memory_bytes": self.memory_bytes, "cpu_s": self.cpu_s,
+                "file_bytes": self.file_bytes, "open_files": self.open_files, "output_chars": self.output_chars,
+                "namespaces": self.namespaces, "site_packages": self.site_packages, "audit_hook": self.audit_hook,
+                "unprivileged": self.unprivileged, "hidden": [str(Path(h).resolve()) for h in self.hidden]}
+
 
 @dataclass(frozen=True)
 class SandboxResult:
     """The outcome of one program.
 
-    status: passed (returned normally), failed (raised, or exited early), timeout (wall clock or CPU limit),
-    memory (an allocation hit the memory limit, or the kernel killed it for memory), error (the sandbox stopped it:
-    a refused operation, the output/file-size cap, another signal; or the sandbox could not start it).
+    status: passed (run: returned normally; check: the judge's tests passed), failed (raised, a test failed, or
+    exited early), timeout (wall clock or CPU limit), memory (an allocation hit the memory limit, or the kernel killed
+    it for memory), error (the sandbox stopped it: a refused operation, the output/file-size cap, another signal; or
+    the sandbox could not start it).
     """
 
     status: str
     duration_s: float
-    returncode: int  # negative: killed by that signal
-    stdout: str  # the last Limits.output_chars characters, launcher marker removed
-    stderr: str  # likewise
+    returncode: int  # negative: killed by that signal (-9 also when the judge ended it after its tests)
+    stdout: str  # the last Limits.output_chars characters
+    stderr: str  # likewise, then the judge's notes (a failed test's traceback)
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
+@dataclass(frozen=True)
+class Check:
+    """One judged item: the untrusted `program` must define `entry_point`; the trusted `check` source defines
+    `check(candidate)` (HumanEval's test code, with any helpers it needs), run in the judge with a stub candidate."""
+
+    program: str
+    entry_point: str
+    check: str
+
+
 def run(source: str, limits: Limits | None = None) -> SandboxResult:
-    """Execute `source` as `__main__` in a fresh sandboxed interpreter and classify the outcome."""
-    limits = limits or Limits()
-    root = Path(tempfile.mkdtemp(prefix="densa-sandbox-"))
-    try:
-        work = root / "work"  # the program's cwd, $HOME and $TMPDIR; the only place it may write
-        work.mkdir()
-        (work / "program.py").write_text(source, encoding="utf-8")
-        uid = limits.drop_root_to if os.geteuid() == 0 and limits.drop_root_to is not None else -1
-        if uid >= 0:  # the unprivileged program may enter root/ and write only in work/
-            os.chmod(root, 0o711)
-            os.chown(work, uid, uid)
-        marker = f"densa-sandbox-done-{secrets.token_hex(8)}"
-        settings = {"work": str(work), "marker": marker, "memory_bytes": limits.memory_bytes, "cpu_s": limits.cpu_s,
-                    "file_bytes": limits.file_bytes, "open_files": limits.open_files,
-                    "network_namespace": limits.network_namespace, "site_packages": limits.site_packages,
-                    "uid": uid, "audit_hook": limits.audit_hook}
-        with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
-            start = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-I", "-B", "-S", sandbox_launcher.__file__],
-                                    stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work, env=_child_env(work),
-                                    start_new_session=True)
-            try:
-                proc.stdin.write(sandbox_launcher.write_settings(settings).encode())
-                proc.stdin.close()
-            except BrokenPipeError:  # the child died before reading its settings; wait() reports how
-                pass
-            try:
-                timed_out = not _wait_exited(proc.pid, start + limits.timeout_s)
-            finally:  # also when the caller is interrupted: no program outlives run()
-                _kill_group(proc.pid)  # the group leader is unreaped, so its pgid cannot have been reused
-                returncode = proc.wait()
-            duration = time.monotonic() - start
-        stdout = _tail(root / "stdout", limits.output_chars + len(marker) + 1)
-        stderr = _tail(root / "stderr", limits.output_chars)
-        output_capped = max((root / name).stat().st_size for name in ("stdout", "stderr")) >= limits.file_bytes
-    finally:
-        _remove_tree(root)
-    completed = stdout.endswith(marker + "\n")
-    stdout = stdout.removesuffix(marker + "\n")[-limits.output_chars:] if limits.output_chars else ""
-    status = "error" if output_capped and not timed_out else _classify(returncode, timed_out, completed)
-    return SandboxResult(status, duration, returncode, stdout, stderr)
+    """Execute `source` as `__main__` in a fresh sandboxed interpreter; passed when it returns normally."""
+    return _ask({"mode": "run", "program": source}, limits or Limits())
+
+
+def run_check(item: Check, limits: Limits | None = None) -> SandboxResult:
+    """Run `item.program` sandboxed and judge it with `item.check` in the trusted judge (see Check)."""
+    return _ask({"mode": "check", "program": item.program, "entry_point": item.entry_point, "check": item.check},
+                limits or Limits())
 
 
 def run_many(sources: Sequence[str], limits: Limits | Sequence[Limits] | None = None, workers: int | None = None,
              progress: bool = False, desc: str = "sandbox") -> list[SandboxResult]:
     """Run many programs, at most `workers` at once (default: the number of CPUs); results in input order."""
-    per_program = list(limits) if isinstance(limits, Sequence) else [limits or Limits()] * len(sources)
-    if len(per_program) != len(sources):
-        raise ValueError(f"{len(sources)} programs but {len(per_program)} limits")
-    workers = max(1, min(workers or os.cpu_count() or 1, len(sources) or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # threads only wait; the work is in child processes
-        results = pool.map(run, sources, per_program)
+    return _map(run, list(sources), limits, workers, progress, desc)
+
+
+def run_checks(items: Sequence[Check], limits: Limits | Sequence[Limits] | None = None, workers: int | None = None,
+               progress: bool = False, desc: str = "sandbox") -> list[SandboxResult]:
+    """Judge many items, at most `workers` at once (default: the number of CPUs); results in input order."""
+    return _map(run_check, list(items), limits, workers, progress, desc)
+
+
+def _map(function, items: list, limits, workers: int | None, progress: bool, desc: str) -> list[SandboxResult]:
+    per_item = list(limits) if isinstance(limits, Sequence) else [limits or Limits()] * len(items)
+    if len(per_item) != len(items):
+        raise ValueError(f"{len(items)} programs but {len(per_item)} limits")
+    workers = max(1, min(workers or os.cpu_count() or 1, len(items) or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # threads only wait; the work is in the judges
+        results = pool.map(function, items, per_item)
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=len(sources), desc=desc, unit="program")
+            results = tqdm(results, total=len(items), desc=desc, unit="program")
         return list(results)
 
 
-def _child_env(work: Path) -> dict[str, str]:
-    """Nothing from the caller's environment (tokens, proxies, PYTHON*) reaches the program."""
-    return {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
-            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+class _Judge:
+    """One trusted judge process (densa/eval/sandbox_judge.py) and the worker slot it holds: a lock file, so no other
+    densa process on the machine uses the same slot (and uid) at the same time."""
+
+    def __init__(self) -> None:
+        folder = Path(tempfile.gettempdir()) / f"densa-sandbox-slots-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for slot in range(4096):
+            lock = open(folder / f"{slot}.lock", "a")  # noqa: SIM115 - held for the judge's lifetime
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            self.slot, self.lock = slot, lock
+            break
+        else:
+            raise RuntimeError("no free sandbox slot (4096 in use)")
+        self.uid = UID_BASE + self.slot if os.geteuid() == 0 else -1
+        self.proc: subprocess.Popen | None = None
+        self.buffer = b""
+
+    def ask(self, request: dict, deadline_s: float) -> dict | None:
+        """Send one item; its reply, or None if the judge overran `deadline_s` or died (then it is killed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-S", str(JUDGE), str(self.uid)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True)
+            self.buffer = b""
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self.stop()
+            return None
+        deadline = time.monotonic() + deadline_s
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            chunk = os.read(fd, 1 << 20) if remaining > 0 and select.select([fd], [], [], remaining)[0] else b""
+            if not chunk:
+                self.stop()
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        """Kill the judge (its program dies with it: parent-death signal); the next item starts a new one."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+        self.proc = None
 
 
-def _wait_exited(pid: int, deadline: float) -> bool:
-    """Poll until the child exits (left unreaped, WNOWAIT) or the deadline passes; True if it exited."""
-    delay = 0.001
-    while True:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.005)
+_idle: list[_Judge] = []
+_all: list[_Judge] = []
+_judges_lock = threading.Lock()
 
 
-def _kill_group(pgid: int) -> None:
+def _ask(request: dict, limits: Limits) -> SandboxResult:
+    with _judges_lock:
+        judge = _idle.pop() if _idle else None
+    if judge is None:
+        judge = _Judge()
+        with _judges_lock:
+            _all.append(judge)
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        request["limits"] = limits.for_judge()
+        start = time.monotonic()
+        reply = judge.ask(request, 2 * limits.timeout_s + JUDGE_GRACE_S)
+    finally:
+        with _judges_lock:
+            _idle.append(judge)
+    if reply is None:
+        return SandboxResult("timeout", time.monotonic() - start, -signal.SIGKILL, "",
+                             "densa-sandbox: the judge overran its deadline (or died) and was killed")
+    return SandboxResult(reply["status"], reply["duration_s"], reply["returncode"], reply["stdout"], reply["stderr"])
 
 
-def _classify(returncode: int, timed_out: bool, completed: bool) -> str:
-    if timed_out or returncode == -signal.SIGXCPU:
-        return "timeout"
-    if returncode == 0 and completed:
-        return "passed"
-    if returncode == EXIT_MEMORY or returncode == -signal.SIGKILL:  # SIGKILL not sent by us: the kernel OOM killer
-        return "memory"
-    if returncode in (EXIT_REFUSED, EXIT_LAUNCHER) or returncode < 0:  # SIGXFSZ (output cap), SIGSEGV, ...
-        return "error"
-    return "failed"
+@atexit.register
+def _stop_judges() -> None:
+    with _judges_lock:
+        for judge in _all:
+            judge.stop()
 
 
-def _tail(path: Path, chars: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - 4 * chars))  # up to 4 bytes per UTF-8 character
-        return f.read().decode("utf-8", errors="replace")[-chars:] if chars else ""
-
-
-def _remove_tree(root: Path) -> None:
-    """Delete the sandbox, even if the program left directories without write or search permission."""
-    def make_writable_and_retry(func, path, _exc):
-        os.chmod(os.path.dirname(path), 0o700)
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, 0o700)
-        func(path)
-
-    shutil.rmtree(root, onerror=make_writable_and_retry)
-
-
-ISOLATION_PROBE = """import os
-print(os.getuid(), os.readlink('/proc/self/ns/net'))
+ISOLATION_PROBE = """import errno, os, socket
+print(os.getuid(), os.readlink('/proc/self/ns/net'), os.readlink('/proc/self/ns/mnt'))
 try:
     pid = os.fork()
 except OSError:
@@ -216,13 +249,28 @@ else:
         os._exit(0)
     os.waitpid(pid, 0)
     print('fork')
+try:
+    os.close(os.open('/tmp/densa-sandbox-probe-' + str(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    print('write')
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+try:
+    socket.socket(socket.AF_UNIX)
+    print('socket')
+except OSError:
+    print('no-socket')
 """
 
 
 def isolation() -> dict[str, bool | int]:
     """Which kernel layers this machine gives a sandboxed program, found by running a probe with the audit hook off:
-    its uid, whether it is in its own network namespace, whether it can create a process."""
+    its uid, its own network and mount namespaces, whether it can create a process, write to /tmp, make a socket."""
     result = run(ISOLATION_PROBE, Limits(audit_hook=False))
-    uid, net_ns, fork = result.stdout.split()
-    return {"program_uid": int(uid), "densa_uid": os.getuid(), "network_namespace": net_ns != os.readlink(
-        "/proc/self/ns/net"), "no_new_processes": fork == "no-fork", "kernel_guards_files": int(uid) != os.getuid()}
+    if not result.passed:
+        raise RuntimeError(f"the isolation probe failed: {result.stderr[-500:]}")
+    uid, net_ns, mount_ns, fork, tmp, sock = result.stdout.split()
+    return {"program_uid": int(uid), "densa_uid": os.getuid(),
+            "network_namespace": net_ns != os.readlink("/proc/self/ns/net"),
+            "mount_namespace": mount_ns != os.readlink("/proc/self/ns/mnt"), "read_only_tree": tmp == "EROFS",
+            "no_new_processes": fork == "no-fork", "no_sockets": sock == "no-socket",
+            "kernel_guards_files": int(uid) != os.getuid()}

@@ -1,7 +1,10 @@
-"""`densa export MODEL --to hf [--remote-code] --out DIR`: a standard Hugging Face model folder.
+"""`densa export MODEL --to hf [--remote-code] [--tokenizer DIR] --out DIR`: a standard Hugging Face model folder.
 
 - Plain: `config.json` (`model_type: "densa"`), `model.safetensors`, `generation_config.json` and the tokenizer
   files. `AutoModelForCausalLM.from_pretrained(DIR)` loads it wherever `densa` is imported.
+- The tokenizer is MODEL's own (a checkpoint written with `densa init --tokenizer`, an export, a Llama folder, a
+  GGUF) or `--tokenizer DIR`'s; without one the command warns, since `pipeline("text-generation")` and
+  `densa serve` need it.
 - `--remote-code` adds densa's model source to the folder and an `auto_map` to the config, so that
   `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works with densa *not* installed.
   The source is not a second copy written by hand: the export copies densa's own modules, flattening
@@ -14,8 +17,10 @@ import argparse
 import json
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import densa
 from densa.hf.configuration_densa import DensaConfig
@@ -27,11 +32,16 @@ ENTRY_MODULES = {"configuration_densa": "densa.hf.configuration_densa", "modelin
 _IMPORT = re.compile(r"^(\s*)from (densa(?:\.\w+)*) import ", re.MULTILINE)
 
 
-def export_hf(resolved: ResolvedModel, out: str | Path, remote_code: bool = False, overwrite: bool = False) -> Path:
+def export_hf(resolved: ResolvedModel, out: str | Path, remote_code: bool = False, overwrite: bool = False,
+              tokenizer: Any | None = None) -> Path:
+    """Write `resolved` as a Hugging Face folder, with `tokenizer` (default: the model's own, if any)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty (pass --force to write into it)")
-    tok = resolved.tokenizer
+    tok = tokenizer if tokenizer is not None else resolved.tokenizer
+    vocab = resolved.model.config.vocab_size
+    if tok is not None and len(tok) > vocab:
+        raise ValueError(f"the tokenizer has {len(tok):,} entries but the model's vocabulary is {vocab:,}")
     special = {}
     if tok is not None:
         special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -94,13 +104,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", choices=["hf"], required=True, help="target format (Hugging Face folder)")
     parser.add_argument("--remote-code", action="store_true",
                         help="bundle the model code so it loads with trust_remote_code=True and without densa")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder to ship (default: MODEL's own)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--force", action="store_true", help="write into a non-empty folder")
 
 
 def main(args: argparse.Namespace) -> None:
     resolved = resolve(args.model)
-    out = export_hf(resolved, args.out, remote_code=args.remote_code, overwrite=args.force)
+    tokenizer = None
+    if args.tokenizer:
+        from densa.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    out = export_hf(resolved, args.out, remote_code=args.remote_code, overwrite=args.force, tokenizer=tokenizer)
     how = "trust_remote_code=True, densa not needed" if args.remote_code else "with densa installed and imported"
     print(f"exported {args.model} ({resolved.kind}) to {out}: load with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}) ({how})")
+    if tokenizer is None and resolved.tokenizer is None:
+        print(f"densa export: warning: {args.model} has no tokenizer, so neither has {out}: "
+              "pipeline(\"text-generation\") and `densa serve` need one; pass --tokenizer DIR", file=sys.stderr)

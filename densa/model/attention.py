@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from densa.config import ModelConfig
 from densa.model.cache import KVLayerCache, Positions
-from densa.model.ffn import build_mlp
+from densa.model.ffn import apply_ffn, build_mlp
 from densa.model.layers import RMSNorm, Rotary
+from densa.model.moe import Routed
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,24 +35,22 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x_BTD).view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
         v = self.v_proj(x_BTD).view(B, T, Hkv, d).transpose(1, 2)
         q, k = self.rotary(q, pos.ids_BT), self.rotary(k, pos.ids_BT)  # per-row positions (left padding)
-        key_valid = pos.valid_BT  # (B, S) False at padding, or None when there is none
-        if cache is not None:
-            if cache.k is not None:
-                if key_valid is not None or cache.k_valid is not None:
-                    old = cache.k_valid if cache.k_valid is not None else k.new_ones(B, cache.k.shape[2], dtype=bool)
-                    new = key_valid if key_valid is not None else k.new_ones(B, T, dtype=bool)
-                    key_valid = torch.cat([old, new], dim=1)
-                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-            cache.k, cache.v, cache.k_valid = k, v, key_valid
-        S = k.shape[2]
-        mask = None
-        if key_valid is not None or 1 < T < S:  # query i sees real keys <= S - T + i
-            mask = torch.arange(S, device=k.device)[None, :] <= (S - T + torch.arange(T, device=k.device))[:, None]
-            if key_valid is not None:
-                mask = mask & key_valid[:, None, :]
+        valid = pos.valid_BT  # (B, T) False at padding, or None when there is none
+        if cache is not None and T == 1 and valid is None and cache.k is not None:  # decoding: in place
+            cache.step(k, v, pos.ids_BT[:, 0])
+        elif cache is not None:
+            cache.write(k, v, pos)
+        if cache is None or pos.first_step == 0:  # a fresh sequence: attend over the new keys only
+            mask = None
+            if valid is not None:  # query i sees real keys <= i
+                mask = torch.ones(T, T, dtype=torch.bool, device=k.device).tril() & valid[:, None, :]
                 mask = (mask | ~mask.any(-1, keepdim=True))[:, None]  # padding queries: any finite output
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(mask is None and T == S and T > 1),
-                                           enable_gqa=Hkv != H)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=Hkv != H)
+        else:  # continuing: slot s holds position s, so a query at position p sees the slots <= p
+            S = cache.k.shape[2]
+            mask_BTS = torch.arange(S, device=k.device) <= pos.ids_BT[:, :, None]
+            o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask_BTS[:, None], enable_gqa=Hkv != H)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
 
 
@@ -65,9 +64,21 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = build_mlp(cfg)
 
-    def forward(self, x: Tensor, pos: Positions, cache: KVLayerCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Positions, cache: KVLayerCache | None = None) -> tuple[Tensor, Routed | None]:
+        """(B, T, D) -> (B, T, D), and what the FFN routed (None for a dense FFN)."""
         x = x + self.self_attn(self.input_layernorm(x), pos, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, routed = apply_ffn(self.mlp, self.post_attention_layernorm(x))
+        return x + h, routed
 
     def new_cache(self) -> KVLayerCache:
         return KVLayerCache()
+
+    @staticmethod
+    def mixer_flops_per_token(cfg: ModelConfig, context: int) -> dict[str, float]:
+        """Forward FLOPs per token of causal self-attention averaged over `context` tokens: projections, and the
+        useful q·k and probs·v work (a query at position t sees t + 1 keys)."""
+        from densa.counting import mean_keys
+
+        D, d, H, Hkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        linear = 2 * (D * H * d * 2 + D * Hkv * d * 2)
+        return {"linear": linear, "attention": 2 * 2 * H * d * mean_keys(context, context)}

@@ -8,11 +8,12 @@ Unrolled this is a causal convolution y = K * x with kernel K[t] = Re(Σ_n γ_n 
 Three paths compute the same thing (tests/test_ema.py checks they agree to 1e-5 in fp32):
 - `ema_reference`: the recurrence as a Python loop over time; the definition.
 - `ema_fft`: the whole-sequence FFT convolution (training, Mega's form). Memory O(D·N·L) for the kernel.
-- `ema_chunked`: FFT convolution inside chunks of length c plus a carried state between chunks (mega.md §7.2).
+- `ema_chunked`: FFT convolution inside chunks of length c plus a carried state between chunks
+  (docs/design-notes.md, 'Chunked EMA').
   Memory O(D·N·c + B·D·L), so long sequences do not materialise a D×N×L kernel. Also the prefill path: it starts
   from any state and returns the final state.
 - `ema_step`: one token of the recurrence, for decoding.
-All EMA maths runs in fp32 (complex64 for CEMA) whatever the input dtype (mega.md §7.3).
+All EMA maths runs in fp32 (complex64 for CEMA) whatever the input dtype (docs/architecture.md, 'The EMA').
 
 Shape suffixes: B batch, D channels, N EMA dims, L time, C chunks, c chunk length.
 """
@@ -128,7 +129,7 @@ def ema_fft(x_BDL: Tensor, co: EmaCoeffs) -> Tensor:
 
 def ema_chunked(x_BDL: Tensor, co: EmaCoeffs, chunk: int, state_BDN: Tensor | None = None,
                 skip_D: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """FFT convolution inside chunks plus a state carried across chunk boundaries (mega.md §7.2).
+    """FFT convolution inside chunks plus a state carried across chunk boundaries (docs/design-notes.md, 'Chunked EMA').
 
     For chunk i with start state S_i:  y_i[t] = (K[:c] * x_i)[t] + Re(Σ_n γ q^{t+1} S_i)
                                        S_{i+1} = q^c S_i + Σ_t p q^{c−1−t} x_i[t]
@@ -224,7 +225,8 @@ class _SwapLastTwo(torch.autograd.Function):
 class DampedEMA(nn.Module):
     """Learned multi-dimensional damped EMA over time, with Mega's per-channel skip: out = EMA(x) + ω ⊙ x.
 
-    Parameter names (fairseq and HF swap α/δ; see mega.md §2 table):
+    Parameter names, the paper's (fairseq and HF use other names for α/δ; docs/design-notes.md, 'EMA parameter
+    names and initialisation'):
       alpha  (D, N)   α logits, input weight; sigmoid → (0, 1)
       delta  (D, N)   δ logits, damping;      sigmoid → (0, 1)
       beta   (D, N)   β expansion (real EMA only; CEMA absorbs it into complex γ)
@@ -249,7 +251,8 @@ class DampedEMA(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialisation of MEGA-EMA / MLD-CEMA (mega.md §2, §4.1)."""
+        """Initialisation of Mega's EMA / Megalodon's CEMA (docs/design-notes.md, 'EMA parameter names and
+        initialisation')."""
         nn.init.normal_(self.alpha, 0.0, 0.2)
         nn.init.normal_(self.delta, 0.0, 0.2)
         nn.init.trunc_normal_(self.omega, 0.0, 0.25, -1.0, 1.0)
@@ -267,7 +270,7 @@ class DampedEMA(nn.Module):
 
     def coeffs(self) -> EmaCoeffs:
         a, d = torch.sigmoid(self.alpha.float()), torch.sigmoid(self.delta.float())
-        log_q = torch.log1p(-a * d)  # log1p keeps slow decays from rounding to q = 1 (mega.md §7.3)
+        log_q = torch.log1p(-a * d)  # log1p keeps slow decays from rounding to q = 1 (docs/architecture.md, 'The EMA')
         scale = self.ema_dim**-0.5
         if not self.complex_ema:
             return EmaCoeffs(p_DN=a * self.beta.float(), log_q_DN=log_q, gamma_DN=self.gamma.float() * scale)

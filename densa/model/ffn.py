@@ -9,11 +9,11 @@ See docs/moe.md.
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from densa.config import ModelConfig
 from densa.model.layers import SwiGLU
-from densa.model.moe import MoE
+from densa.model.moe import MoE, Routed
 
 
 def build_mlp(cfg: ModelConfig) -> nn.Module:
@@ -23,3 +23,10 @@ def build_mlp(cfg: ModelConfig) -> nn.Module:
     if cfg.ffn in ("moe", "topk_moe"):
         return MoE(cfg)
     raise ValueError(f"ffn={cfg.ffn!r} has no builder")  # unreachable: ModelConfig validates `ffn`
+
+
+def apply_ffn(mlp: nn.Module, h_BTD: Tensor) -> tuple[Tensor, Routed | None]:
+    """Run a block's FFN; a MoE FFN also returns what it routed, which the block hands up to `ModelOutput`."""
+    if isinstance(mlp, MoE):
+        return mlp(h_BTD, return_routing=True)
+    return mlp(h_BTD), None

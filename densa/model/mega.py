@@ -13,7 +13,7 @@ Design choices (see docs/architecture.md for the reasons and measurements):
   Default: Mega's silu(Z) with a 1/√d temperature; `normalized_attention` uses Megalodon's QK-norm instead
   (Z / ||Z|| per head, no temperature). Defaults measured in docs/mixer-options.md.
 - Output: hx + o_proj(γ ⊙ O) with the reset gate γ = silu(X'W_r), and a plain pre-norm residual in the block:
-  Megalodon dropped Mega's update gate φ and the SiLU on H because they did not help stability at scale (§3.4).
+  Megalodon dropped Mega's update gate φ and the SiLU on H because they did not help stability at scale (its §3.4).
 
 Shape letters: B batch, T new tokens, S keys (cached + new), D hidden, Z shared q/k dim, V value dim, H heads,
 C chunks, c chunk length, z / v per-head widths.
@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from densa.config import ModelConfig
 from densa.model.cache import MegaLayerCache, Positions
 from densa.model.ema import DampedEMA
-from densa.model.ffn import build_mlp
+from densa.model.ffn import apply_ffn, build_mlp
 from densa.model.layers import RMSNorm, Rotary, TimestepNorm
+from densa.model.moe import Routed
 
 
 def chunked_attention(q_BHTz: Tensor, k_BHSz: Tensor, v_BHSv: Tensor, chunk: int, scale: float) -> Tensor:
@@ -124,6 +125,7 @@ class MovingAverageGatedAttention(nn.Module):
         D, Z, V = self.dims
         H, c = self.heads, self.chunk
         valid = pos.valid_BT
+        decoding = cache is not None and T == 1 and valid is None  # one token per row: fixed shapes, in place
 
         x_ema = x_BTD if valid is None else x_BTD.masked_fill(~valid[..., None], 0.0)  # padding never enters the EMA
         mx_BTD, ema_state = self.ema(x_ema, cache.ema_state if cache is not None else None)
@@ -132,23 +134,29 @@ class MovingAverageGatedAttention(nn.Module):
         z, r, hx = self.mx_proj(mx_BTD).split([Z, V, D], dim=-1)
         q, k, scale = self._queries_keys(z.view(B, T, H, Z // H).transpose(1, 2))  # (B, H, T, z)
         q, k = self.rotary(q, pos.ids_BT % c), self.rotary(k, pos.ids_BT % c)  # chunk-local RoPE positions
-        k_pos = pos.ids_BT if valid is None else pos.ids_BT.masked_fill(~valid, -1)
 
-        if (cache is None or cache.k is None) and pos.uniform_start == 0:  # fresh sequences: the fast path
-            if valid is None:
-                o = chunked_attention(q, k, v, c, scale)
+        if decoding:  # write this step's key into its ring slot, then attend over the ring
+            if cache.k is None:  # a one-token prompt: the ring starts empty
+                cache.allocate(B, H, (Z // H, V // H), k, ema_state.detach())
             else:
-                o = rolled_chunked_attention(q, k, v, valid, c, scale)
-        else:  # continuing cached rows (decoding): mask from per-row positions over cached + new keys
-            if cache is not None and cache.k is not None:
-                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-                k_pos = torch.cat([cache.k_pos, k_pos], dim=1)
-            o = positional_attention(q, k, v, pos.ids_BT, k_pos, c, scale)
-        if cache is not None:  # keep what a later query can still see: the last c-1 steps
-            S = k.shape[2]
-            keep = min(c - 1, S)
-            cache.k, cache.v = k[:, :, S - keep :].clone(), v[:, :, S - keep :].clone()
-            cache.k_pos, cache.ema_state = k_pos[:, S - keep :].clone(), ema_state
+                cache.ema_state.copy_(ema_state.detach())
+            cache.step(k, v, pos.ids_BT[:, 0])
+            o = positional_attention(q, cache.k, cache.v, pos.ids_BT, cache.k_pos, c, scale)
+        else:
+            k_pos = pos.ids_BT if valid is None else pos.ids_BT.masked_fill(~valid, -1)
+            if pos.first_step == 0:  # fresh sequences (every row at position 0): the fast path
+                if valid is None:
+                    o = chunked_attention(q, k, v, c, scale)
+                else:
+                    o = rolled_chunked_attention(q, k, v, valid, c, scale)
+            else:  # continuing cached rows: mask from per-row positions over the ring + the new keys
+                o = positional_attention(q, torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2),
+                                         pos.ids_BT, torch.cat([cache.k_pos, k_pos], dim=1), c, scale)
+            if cache is not None:
+                if cache.k is None:
+                    cache.allocate(B, H, (Z // H, V // H), k, ema_state)
+                cache.ema_state = ema_state.detach()
+                cache.write(k, v, pos)
         o = o.transpose(1, 2).reshape(B, T, V)
         return hx + self.o_proj(o * F.silu(r))
 
@@ -173,13 +181,42 @@ class MegaBlock(nn.Module):
         if not isinstance(self.mixer_norm, TimestepNorm):
             return self.mixer_norm(x)
         h, state = self.mixer_norm(x, cache.norm_state if cache is not None else None, pos.valid_BT)
-        if cache is not None:
-            cache.norm_state = state
+        if cache is not None and cache.norm_state is not None and x.shape[1] == 1 and pos.valid_BT is None:
+            for held, new in zip(cache.norm_state, state, strict=True):  # a decoding step: in place
+                held.copy_(new)
+        elif cache is not None:
+            cache.norm_state = tuple(t.detach().contiguous() for t in state)  # (count may be an expanded view)
         return h
 
-    def forward(self, x: Tensor, pos: Positions, cache: MegaLayerCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Positions, cache: MegaLayerCache | None = None) -> tuple[Tensor, Routed | None]:
+        """(B, T, D) -> (B, T, D), and what the FFN routed (None for a dense FFN)."""
         y = x + self.mixer(self._normed(x, pos, cache), pos, cache)
-        return (x if self.two_hop else y) + self.mlp(self.mlp_norm(y))
+        h, routed = apply_ffn(self.mlp, self.mlp_norm(y))
+        return (x if self.two_hop else y) + h, routed
 
     def new_cache(self) -> MegaLayerCache:
-        return MegaLayerCache()
+        return MegaLayerCache(slots=self.mixer.chunk)
+
+    @staticmethod
+    def mixer_flops_per_token(cfg: ModelConfig, context: int) -> dict[str, float]:
+        """Forward FLOPs per token of the Mega mixer averaged over `context` tokens (densa/counting.py adds the FFN
+        and the head). Projections; softmax attention inside chunks of c; the EMA as densa runs it: FFT
+        convolution inside chunks (real FFT ≈ 2.5·n·log2 n) plus the chunked form's state einsums."""
+        from densa.counting import fft_flops, mean_keys
+
+        T, D = context, cfg.hidden_size
+        Z, V, N = cfg.shared_qk_dim, cfg.value_dim, cfg.ema_dim
+        linear = 2 * (D * V + D * (Z + V + D) + V * D)
+        attention = 2 * (Z + V) * mean_keys(T, cfg.attn_chunk_size)
+        c = min(cfg.ema_chunk_size, T)
+        n = 1 << (2 * c - 1).bit_length()
+        # CEMA: the state contractions run as real matmuls over (re, im) pairs (2x the real EMA's work, a real
+        # input times a complex weight); the kernel einsum is complex x complex (4 real multiply-adds each)
+        pairs, cplx = (2, 4) if cfg.complex_ema else (1, 1)
+        # state-in and state-out einsums run over the sequence padded to whole chunks; per sequence, the kernel
+        # einsum over (D, N, c) and, when the last chunk is partial, the final-state einsum over its r tokens
+        padded, r = -(-T // c) * c, T % c
+        ema_state = ((2 * 2 * D * N * padded + 2 * D * N * r) * pairs + 2 * D * N * c * cplx) / T
+        # per chunk of c tokens and channel: rfft(x), pointwise product (n/2+1 complex), irfft; plus rfft(kernel)
+        ema_fft = D * (2 * fft_flops(n) + 6 * (n // 2 + 1)) / c + D * fft_flops(n) / T
+        return {"linear": linear, "attention": attention, "ema_state": ema_state, "ema_fft": ema_fft}

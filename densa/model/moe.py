@@ -1,6 +1,6 @@
 """The mixture-of-experts FFN: router → routed SwiGLU experts (+ identity experts, + an optional shared expert).
 
-Design choices (docs/moe.md; design notes moe.md §3, §5):
+Design choices (docs/moe.md, 'Design'):
 - Experts are stored fused as 3-D parameters in the transformers v5 layout (MixtralExperts): gate_up_proj [E, 2F, D]
   with the gate rows first, down_proj [E, D, F], so weights load into HF / vLLM layouts unchanged.
 - Dispatch is dropless: sort the (token, slot) pairs by expert once, drop the zero-computation slots (they sort to
@@ -8,6 +8,11 @@ Design choices (docs/moe.md; design notes moe.md §3, §5):
   (`torch._grouped_mm`, or a `split` + `unbind` loop where it is unavailable or misaligned), scale by the gate
   weight, and combine with `index_add`. Work, and so time, follows the routed pairs: skipped slots cost nothing.
   `moe_reference` beside it is the plain per-token loop the fast path is tested against.
+- A few tokens (T·K ≤ E: batch-1 decoding, or a few sequences) take the gathered path instead: keep the FFN slots
+  (ids < E), gather those experts' weights (S, 2F, D) and (S, D, F) and run them as one batched matmul each; a tiny
+  (T, S) combine matmul carries the gate weights back to the tokens. No sort, no grouped matmul, no scatter; zero-
+  computation slots are dropped before any weight is read, so they cost nothing. At batch 1 it reads only the
+  chosen experts' weights (index_select copies them once; the copy is what the matmul streams).
 - Identity experts add w·x (an axpy, no GEMM); null experts add nothing.
 - Monitoring: each forward records the router losses and cheap batch metrics in `aux`; in training mode it also
   accumulates the step's load statistics, which `update_routing()` (once per optimizer step) all-reduces over the
@@ -20,6 +25,7 @@ F expert width, S routed (token, FFN expert) pairs, n pairs of one expert.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densa.config import ModelConfig
+from densa.counting import ffn_flops_per_token
 from densa.model.layers import SwiGLU
 from densa.model.router import BudgetRouter, Routing, SoftmaxTopKRouter
 
@@ -52,7 +59,7 @@ def moe_reference(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, gate_up_proj
 class Experts(nn.Module):
     """E SwiGLU experts, fused. forward(x, ids, weights) computes the FFN slots (ids < E) and drops the rest."""
 
-    impl = "auto"  # "auto" | "grouped_mm" | "split": a runtime choice (tests, benchmarks), not part of the config
+    impl = "auto"  # "auto" | "grouped_mm" | "split" | "gathered": a runtime choice (tests, benches), not config
 
     def __init__(self, num_experts: int, hidden: int, width: int) -> None:
         super().__init__()
@@ -60,13 +67,16 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
 
     def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        if self.uses_gathered(x_TD.shape[0], ids_TK.shape[1]):
+            return self._gathered(x_TD, ids_TK, weights_TK)
         K, E = ids_TK.shape[1], self.gate_up_proj.shape[0]
         ids_S = ids_TK.flatten()
         order_S = ids_S.argsort(stable=True)  # sort the (token, slot) pairs by expert, once
         counts_E = torch.bincount(ids_S, minlength=E)[:E]
         n = int(counts_E.sum())  # host sync: the number of FFN pairs; the ZC pairs at the tail are dropped
         if n == 0:  # still touch the weights (a zero gradient), so that under DDP / FSDP2 a rank whose tokens all
-            # skipped the FFN experts joins their gradient reduction like the others (training.md §4, pitfall 5)
+            # skipped the FFN experts joins their gradient reduction like the others (docs/design-notes.md,
+            # 'Distributed pitfalls': rank-divergent routing)
             return torch.zeros_like(x_TD) + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())
         order_S = order_S[:n]
         tok_S = order_S // K
@@ -77,6 +87,30 @@ class Experts(nn.Module):
         run = self._grouped_mm if self.uses_grouped_mm(x_SD) else self._split
         return torch.zeros_like(x_TD).index_add(0, tok_S, run(x_SD, w_S1, counts_E))
 
+    def uses_gathered(self, tokens: int, slots_per_token: int) -> bool:
+        """The gathered path for a few tokens: while T·K <= E, gathering per slot reads no more weight bytes than
+        the grouped path, which reads every used expert once (batch-1 decoding always qualifies: K <= E)."""
+        if self.impl != "auto":
+            return self.impl == "gathered"
+        return tokens * slots_per_token <= self.gate_up_proj.shape[0]
+
+    def _gathered(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """The small-batch path: only the chosen FFN experts' weights are read, in one batched matmul each."""
+        T, E = x_TD.shape[0], self.gate_up_proj.shape[0]
+        tok_S, slot_S = (ids_TK < E).nonzero(as_tuple=True)  # the FFN slots; zero-computation ones are dropped here
+        if len(tok_S) == 0:
+            return torch.zeros_like(x_TD) + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())  # as in forward
+        ids_S = ids_TK[tok_S, slot_S]
+        # row vector @ transposed weight (S, 1, D) @ (S, D, 2F): F.linear's layout. The column form W @ x measured
+        # 7-10x slower on CPU (a batched gemv path), hence this orientation.
+        x_S1D = x_TD.index_select(0, tok_S)[:, None, :]
+        gate_S1F, up_S1F = torch.bmm(x_S1D, self.gate_up_proj.index_select(0, ids_S).transpose(1, 2)).chunk(2, -1)
+        y_SD = torch.bmm(F.silu(gate_S1F) * up_S1F, self.down_proj.index_select(0, ids_S).transpose(1, 2))[:, 0]
+        # combine: out_t = Σ_s [tok_s = t] w_s y_s as a (T, S) @ (S, D) matmul (the gate weights ride along)
+        w_S = weights_TK[tok_S, slot_S].to(x_TD.dtype)
+        combine_TS = (tok_S[None, :] == torch.arange(T, device=x_TD.device)[:, None]).to(x_TD.dtype) * w_S
+        return combine_TS @ y_SD
+
     def uses_grouped_mm(self, x_SD: Tensor) -> bool:
         """`torch._grouped_mm` when available and safe: on CPU (kernel since torch 2.9) with 16-byte-aligned strides
         and pointers (else "strides should be multiple of 16 bytes"; transformers PR #46743), on CUDA in bf16."""
@@ -84,8 +118,10 @@ class Experts(nn.Module):
             return self.impl == "grouped_mm"
         if not hasattr(torch, "_grouped_mm") or x_SD.device.type not in ("cpu", "cuda"):
             return False
-        if x_SD.device.type == "cuda" and x_SD.dtype != torch.bfloat16:
-            return False  # the CUDA fast path is bf16 (SM90); other dtypes take the split loop
+        if x_SD.dtype != torch.bfloat16 and (x_SD.device.type == "cuda" or torch.compiler.is_compiling()):
+            # the CUDA fast path is bf16 (SM90), and so is the op's fake-tensor (meta) rule that torch.compile
+            # traces with (torch 2.13 rejects fp32 there); other cases take the split loop
+            return False
         size = x_SD.element_size()
         aligned = all(n * size % 16 == 0 for n in self.down_proj.shape[1:])
         return aligned and all(t.data_ptr() % 16 == 0 for t in (x_SD, self.gate_up_proj, self.down_proj))
@@ -98,7 +134,7 @@ class Experts(nn.Module):
 
     def _split(self, x_SD: Tensor, w_S1: Tensor, counts_E: Tensor) -> Tensor:
         # unbind, never self.gate_up_proj[e] in the loop: autograd would build a full-size zero gradient per expert
-        # (28x slower in moe.md §3.4)
+        # (16-18 s against under 1 s; docs/design-notes.md, 'Expert dispatch without per-expert indexing')
         sizes = counts_E.tolist()
         ys = []
         for x_nD, w_n1, gate_up_2FD, down_DF in zip(x_SD.split(sizes), w_S1.split(sizes),
@@ -108,6 +144,15 @@ class Experts(nn.Module):
                 gate, up = F.linear(x_nD, gate_up_2FD).chunk(2, dim=-1)
                 ys.append(F.linear(F.silu(gate) * up * w_n1, down_DF))
         return torch.cat(ys)
+
+
+@dataclass
+class Routed:
+    """What one MoE forward routed; it travels up through the block into `ModelOutput` (never kept on the module)."""
+
+    ffn_experts_BL: Tensor  # (B, L) FFN experts each token used (identity/null slots excluded)
+    metrics: dict[str, Tensor]  # mean_ffn_experts, all_null_rate, maxvio_batch (+ the router losses in training)
+    aux_loss: Tensor | None = None  # the weighted router losses, training mode only
 
 
 class MoE(nn.Module):
@@ -126,13 +171,7 @@ class MoE(nn.Module):
         self.experts = Experts(E, D, F_)
         self.shared_expert = SwiGLU(D, F_) if cfg.shared_expert else None
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) if cfg.shared_expert else None
-        # forward FLOPs per token: one routed expert, and what every token pays (router, shared expert)
-        self.expert_flops = 6 * D * F_
-        shared_flops = 6 * D * F_ + 2 * D if cfg.shared_expert else 0
-        self.fixed_flops = 2 * D * (E + self.num_null + self.num_identity) + shared_flops
-        self.aux: dict[str, Tensor] = {}
-        self.aux_loss: Tensor | None = None
-        self.last_ffn_experts_BL: Tensor | None = None  # FFN experts per token of the last forward (inspect-routing)
+        self.cfg = cfg  # FLOPs of a routing outcome: densa.counting.ffn_flops_per_token(cfg, experts)
         # the step's load statistics: a plain attribute, not a buffer, because DDP's broadcast_buffers would replace
         # every rank's counts with rank 0's before each forward
         self._stats: Tensor | None = None
@@ -150,7 +189,9 @@ class MoE(nn.Module):
         for buffer in self.gate.buffers():
             buffer.zero_()
 
-    def forward(self, x_BLD: Tensor) -> Tensor:
+    def forward(self, x_BLD: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routed]:
+        """(B, L, D) -> (B, L, D); with `return_routing`, also what was routed (a `Routed`), which the blocks pass
+        up into `ModelOutput` — routing never lives on the module between calls."""
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
         r = self.gate(x_TD)
@@ -160,39 +201,34 @@ class MoE(nn.Module):
             out_TD = out_TD + identity_T.to(x_TD.dtype)[:, None] * x_TD
         if self.shared_expert is not None:
             out_TD = out_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
-        self._record(r, B, L)
-        return out_TD.view(B, L, D)
+        routed = self._record(r, B, L)
+        out_BLD = out_TD.view(B, L, D)
+        return (out_BLD, routed) if return_routing else out_BLD
 
-    def _record(self, r: Routing, B: int, L: int) -> None:
+    def _record(self, r: Routing, B: int, L: int) -> Routed:
         E, K = self.num_experts, self.top_k
         with torch.no_grad():
             ffn_T = (r.ids_TK < E).sum(-1)
             counts_E = torch.bincount(r.ids_TK.flatten(), minlength=E)[:E].double()
             maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
-        self.last_ffn_experts_BL = ffn_T.view(B, L)
-        self.aux = {"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
-                    "maxvio_batch": maxvio.float()}
-        self.aux_loss = None
+        routed = Routed(ffn_experts_BL=ffn_T.view(B, L),
+                        metrics={"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
+                                 "maxvio_batch": maxvio.float()})
         if not self.training:
-            return
+            return routed
         losses = self.gate.losses(r, B)
-        self.aux.update({name: value.detach() for name, (_, value) in losses.items()})
-        self.aux_loss = sum(coef * value for coef, value in losses.values())
+        routed.metrics.update({name: value.detach() for name, (_, value) in losses.items()})
+        routed.aux_loss = sum(coef * value for coef, value in losses.values())
         with torch.no_grad():
             probs_TX = r.scores_TX / r.scores_TX.sum(-1, keepdim=True)
             entropy = torch.special.entr(probs_TX).sum() / math.log(probs_TX.shape[-1])
-            z_sum = self.aux["z_loss"] * len(ffn_T)  # Σ_t logsumexp(logits_t)^2
+            z_sum = routed.metrics["z_loss"] * len(ffn_T)  # Σ_t logsumexp(logits_t)^2
             hist_K1 = torch.bincount(ffn_T, minlength=K + 1).double()
             # layout: counts_E | hist_K1 (tokens using 0..K FFN experts) | Σ maxvio_batch, forwards, Σ entropy, Σ lse²
             stats = torch.cat([counts_E, hist_K1, torch.stack([maxvio, maxvio.new_ones(()), entropy.double(),
                                                                z_sum.double()])])
         self._stats = stats if self._stats is None else self._stats + stats
-
-    def pop_aux(self) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The last forward's metrics and weighted aux loss (None outside training), cleared so no graph is kept."""
-        aux, loss = self.aux, self.aux_loss
-        self.aux, self.aux_loss = {}, None
-        return aux, loss
+        return routed
 
     @torch.no_grad()
     def update_routing(self, where: str = "moe") -> dict[str, float | list[float]]:
@@ -225,8 +261,8 @@ class MoE(nn.Module):
         cdf_K1 = hist_K1.cumsum(0) / tokens
         mean_ffn = float((hist_K1 * torch.arange(K + 1, device=hist_K1.device)).sum() / tokens)
         share_E = counts_E / counts_E.sum().clamp_min(1e-9)
-        flops = mean_ffn * self.expert_flops + self.fixed_flops
-        topk_flops = K * self.expert_flops + self.fixed_flops
+        flops = ffn_flops_per_token(self.cfg, mean_ffn)
+        topk_flops = ffn_flops_per_token(self.cfg, K)
         return {
             "tokens_per_expert": counts_E.tolist(),
             "load_cv": float(counts_E.std(correction=0) / mean),

@@ -1,6 +1,6 @@
 """Routers of the mixture-of-experts FFN: who computes what, per token. Design notes: docs/moe.md.
 
-- `BudgetRouter` (ffn="moe", densa's dynamic MoE; moe.md §5): token-choice top-K over a pool of E FFN experts
+- `BudgetRouter` (ffn="moe", the dynamic MoE; docs/moe.md, 'Design'): token-choice top-K over a pool of E FFN experts
   followed by Z zero-computation (ZC) experts, null ones first, then identity ones (LongCat / vLLM layout: ids >= E
   are ZC). Sigmoid scores (DeepSeek-V3). Two biases steer *selection only*; the gate weights come from the unbiased
   scores, normalised over the selected experts that compute (FFN and identity; a null slot weighs 0), or with
@@ -9,9 +9,9 @@
     each step it moves a fraction α of the way to the bias at which the step's batch would have used exactly
     `target_active_experts` FFN experts per token, lowered where needed so that at most `max_all_null_rate` of the
     tokens skip every FFN expert (ReMoE#6: layers drifting to 100% skipped). That bias is a quantile of per-token
-    thresholds (`zc_thresholds`), so the step is scale-free; moe.md §5's fixed-gain step μ·(mean − target)/K
+    thresholds (`zc_thresholds`), so the step is scale-free; a fixed-gain step μ·(mean − target)/K (tried first)
     missed ±5% by up to 31% in training, because its gain depends on how dense the router scores are near the
-    threshold, which changes during training (docs/moe.md).
+    threshold, which changes during training (docs/moe.md, 'Design').
   * `expert_bias` on the FFN experts is DeepSeek-V3's aux-loss-free balancing: b_e -= γ·sign(load_e − mean load),
     re-centred to zero mean (torchtitan) so that it never shifts the FFN/ZC split, which belongs to the controller.
 - `SoftmaxTopKRouter` (ffn="topk_moe", the baseline): Mixtral/OLMoE softmax over E experts, top-K, renormalised;

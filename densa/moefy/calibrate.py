@@ -37,19 +37,22 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def calibration_windows(tokenizer, corpus: str, tokens: int, seq_len: int) -> Tensor:
-    """(N, L) windows covering at least `tokens` tokens of the corpus' training split, in order."""
+def calibration_windows(tokenizer, corpus: str, tokens: int, seq_len: int, skip: int = 0) -> Tensor:
+    """(N, L) windows covering at least `tokens` tokens of the corpus' training split, in order, after its first
+    `skip` tokens (distillation reads the text after the calibration windows)."""
     ids: list[int] = []
-    chars = 6 * tokens
-    while len(ids) < tokens:
+    chars = 6 * (tokens + skip)
+    while len(ids) < tokens + skip:
         text = corpus_text(corpus, "train", chars)
         ids = encode(tokenizer, text)
         if len(text) < chars:  # the whole corpus is in: use what there is
             break
         chars *= 2
+    ids = ids[skip:]
     n = max(1, min(len(ids), tokens) // seq_len)
     if len(ids) < seq_len:
-        raise ValueError(f"corpus {corpus!r} gave only {len(ids)} tokens; need at least one window of {seq_len}")
+        raise ValueError(f"corpus {corpus!r} gave only {len(ids)} tokens after the first {skip}; need at least one "
+                         f"window of {seq_len}")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 

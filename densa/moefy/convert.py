@@ -30,6 +30,7 @@ from densa.model.model import DensaModel
 from densa.model.moe import MoE
 from densa.moefy.calibrate import ffn_inputs, neuron_activations
 from densa.moefy.fit import budget_zc_bias, dropped_error, fit_router, group_norms
+from densa.moefy.shared import pin_shared, shared_split
 from densa.moefy.split import cluster_split, coactivation_score, random_split
 
 Split = Literal["cluster", "random"]
@@ -42,6 +43,8 @@ class MoefyConfig:
     experts: int = 16  # E: experts per FFN, each of I / E neurons
     budget: float = 0.5  # mean share of experts (= of FFN FLOPs) a token uses, in (0, 1]
     split: Split = "cluster"  # "cluster": co-activation k-means (MoEfication); "random": balanced random ablation
+    shared: float = 0.0  # share of the neurons made always-on shared experts (rounded to whole experts; CMoE)
+    active_share: float = 0.1  # a neuron is "active" on a token when in its top share of contributions (shared.py)
     label_budget: float = 0.0  # share of experts marked "needed" when fitting the router; 0 = budget (0.5 at 1)
     router_steps: int = 150  # full-batch Adam steps of the router fit per layer
     budget_update_rate: float = 0.2  # α of the budget controller during tuning (densa/model/router.py)
@@ -57,10 +60,25 @@ class MoefyConfig:
             raise ValueError(f"label_budget={self.label_budget}: must be in [0, 1]")
         if self.split not in ("cluster", "random"):
             raise ValueError(f"--split {self.split!r}: choose cluster or random")
+        if not 0 <= self.shared < 1 or (self.shared and self.shared_experts() == 0):
+            raise ValueError(f"--shared {self.shared}: must be 0 or in [1/(2E), 1) so that it rounds to at least one "
+                             f"of the {self.experts} experts")
+        if self.shared_experts() >= self.experts or self.shared_experts() > self.budget * self.experts + 1e-9:
+            raise ValueError(f"--shared {self.shared}: {self.shared_experts()} shared experts of {self.experts} "
+                             f"exceed the budget {self.budget:g} (the budget counts shared and routed experts)")
+
+    def shared_experts(self) -> int:
+        """s: experts every token runs (the first s of the fused layout)."""
+        return round(self.shared * self.experts)
 
     def label_k(self) -> int:
-        share = self.label_budget or (self.budget if self.budget < 1 else 0.5)
-        return min(self.experts, max(1, round(share * self.experts)))
+        """Experts per token marked "needed" when fitting the router, shared ones included."""
+        s, routed = self.shared_experts(), self.experts - self.shared_experts()
+        if self.label_budget:
+            k = round(self.label_budget * self.experts) - s
+        else:
+            k = round(self.budget * self.experts) - s if self.budget < 1 else round(0.5 * routed)
+        return s + min(routed, max(1, k))
 
 
 @dataclass
@@ -97,6 +115,12 @@ def load_experts(moe: MoE, mlp: SwiGLU, groups_EF: Tensor) -> None:
     moe.experts.down_proj.copy_(mlp.down_proj.weight[:, groups_EF].permute(1, 0, 2))  # [D, E, F] -> [E, D, F]
 
 
+def keep(scores_TR: Tensor, shared: int, k: int) -> Tensor:
+    """(T, k) experts a token runs: the `shared` pinned ones, then the k − shared best-scored routed ones."""
+    shared_TS = torch.arange(shared).expand(len(scores_TR), shared)
+    return torch.cat([shared_TS, shared + scores_TR.topk(k - shared, dim=-1).indices], dim=1)
+
+
 @torch.no_grad()
 def convert(dense: DensaModel, windows_NL: Tensor, cfg: MoefyConfig, progress: bool = True) -> Conversion:
     """Convert `dense` using the calibration windows; returns the model at `cfg.budget` and per-layer reports."""
@@ -107,31 +131,34 @@ def convert(dense: DensaModel, windows_NL: Tensor, cfg: MoefyConfig, progress: b
     for name, tensor in dense.state_dict().items():
         if ".mlp." not in name:
             state[name].copy_(tensor)  # embeddings, attention, norms, head: exactly as they were
-    E, k = cfg.experts, cfg.label_k()
+    E, k, s = cfg.experts, cfg.label_k(), cfg.shared_experts()
     logits, layers = [], []
     for i, (block, x_TD) in enumerate(tqdm(list(zip(dense.layers, inputs, strict=True)), desc="experts + router",
                                            disable=not progress, unit="layer")):
         mlp, moe = block.mlp, model.layers[i].mlp
         act_TI = neuron_activations(mlp, x_TD)
-        if cfg.split == "cluster":
+        if s:
+            groups_EF = shared_split(act_TI, mlp.down_proj.weight, E, s, cfg.split, cfg.active_share, seed=cfg.seed + i)
+        elif cfg.split == "cluster":
             groups_EF = cluster_split(act_TI, E, seed=cfg.seed + i)
         else:
             groups_EF = random_split(act_TI.shape[1], E, seed=cfg.seed + i)
         load_experts(moe, mlp, groups_EF)
         norms_TE = group_norms(act_TI, mlp.down_proj.weight, groups_EF)
-        fit = fit_router(x_TD, norms_TE, k, steps=cfg.router_steps, seed=cfg.seed + i)
-        router_keep_TK = (x_TD.float() @ fit.weight_ED.T).topk(k, dim=-1).indices
+        fit = fit_router(x_TD, norms_TE[:, s:], k - s, steps=cfg.router_steps, seed=cfg.seed + i)  # routed only
         moe.gate.weight.zero_()  # null experts: logit 0, score 1/2, the threshold every FFN expert must beat
-        moe.gate.weight[:E] = fit.weight_ED
+        moe.gate.weight[s:E] = fit.weight_ED
+        pin_shared(moe, s)
         logits.append(x_TD.float() @ moe.gate.weight.float().T)
         layers.append({"layer": i, "router_recall": fit.recall, "random_router_recall": fit.recall_random,
-                       "label_k": k, "mass_in_top_k": coactivation_score(act_TI, groups_EF, k),
+                       "label_k": k, "shared_experts": s, "mass_in_top_k": coactivation_score(act_TI, groups_EF, k),
                        "oracle_top_k_lost_output": dropped_error(act_TI, mlp.down_proj.weight, groups_EF,
-                                                                 norms_TE.topk(k, dim=-1).indices),
+                                                                 keep(norms_TE[:, s:], s, k)),
                        "router_top_k_lost_output": dropped_error(act_TI, mlp.down_proj.weight, groups_EF,
-                                                                 router_keep_TK)})
+                                                                 keep(x_TD.float() @ fit.weight_ED.T, s, k))})
     conversion = Conversion(model, logits, {"experts": E, "expert_width": model.config.expert_intermediate_size,
-                                            "split": cfg.split, "calibration_tokens": int(windows_NL.numel()),
+                                            "split": cfg.split, "shared_experts": s,
+                                            "calibration_tokens": int(windows_NL.numel()),
                                             "layers": layers})
     conversion.model = with_budget(conversion, cfg.budget)
     return conversion

@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from densa.cost import HARDWARE_USD_PER_HOUR, usd_per_hour
+from densa.serve.handlers import DEFAULT_MAX_REQUEST_BYTES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, help="prompt + completion tokens per request; None = the "
                         "model's max_position_embeddings")
     parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body in bytes; larger ones get 413 before they are read (default "
+                        "1 MiB; lm-eval batches of token-id prompts need about 7 bytes per token)")
+    parser.add_argument("--chat-only", action="store_true", help="serve /v1/chat/completions only: "
+                        "/v1/completions answers 404 as a hosted chat model does, and the tokenizer routes are off "
+                        "(a stand-in for a hosted API in `densa eval`)")
     parser.add_argument("--hardware", default="cpu-2core", choices=list(HARDWARE_USD_PER_HOUR),
                         help="hardware whose list price meters each request's $ cost (densa/cost.py)")
     parser.add_argument("--usd-per-hour", type=float, help="hardware price per hour; overrides --hardware")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="torch.compile the decode step (densa/model/compile.py): auto = on a GPU only; on = "
+                        "also on CPU (a compile of tens of seconds to minutes first; pays on long runs)")
     parser.add_argument("--threads", type=int, help="torch CPU threads; None = torch's choice")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="uvicorn log level (info logs every request)")
@@ -55,7 +65,7 @@ def main(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for flag in ("max_batch", "max_queue", "max_tokens_limit"):
+    for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_request_bytes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.timeout <= 0:
@@ -73,13 +83,15 @@ def main(args: argparse.Namespace) -> None:
     cfg = ServeConfig(model_name=args.served_model_name or Path(args.model.rstrip("/")).name, api_key=api_key,
                       max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
                       max_tokens_limit=args.max_tokens_limit, context=context,
-                      usd_per_hour=usd_per_hour(args.hardware, args.usd_per_hour), hardware=args.hardware)
+                      usd_per_hour=usd_per_hour(args.hardware, args.usd_per_hour), hardware=args.hardware,
+                      max_request_bytes=args.max_request_bytes, chat_only=args.chat_only, compile=args.compile)
     app = build_app(resolved.model, tokenizer, cfg)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     key = ", API key required" if cfg.api_key else ""
+    chat = ", chat only" if cfg.chat_only else ""
     print(f"densa serve: {cfg.model_name!r} on http://{host}:{port}/v1 (batch {cfg.max_batch}, queue "
-          f"{cfg.max_queue}, context {cfg.context}, ${cfg.usd_per_hour}/h{key})", flush=True)
+          f"{cfg.max_queue}, context {cfg.context}, ${cfg.usd_per_hour}/h{key}{chat})", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
 
 

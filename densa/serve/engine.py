@@ -2,9 +2,11 @@
 
 Loop (one iteration between two decode steps):
 1. admit: take waiting requests into free batch slots (up to `max_batch` rows), drop those cancelled or past their
-   deadline, prefill the admitted prompts together (left-padded, one forward), sample each one's first token and
+   deadline, prefill the admitted prompts together (left-padded, one forward, last-position logits unless a
+   request asked for prompt logprobs), sample each one's first token and
    join their rows to the running cache (densa/serve/batching.py);
-2. decode: one forward of every running row's last token, (B, 1) → logits (B, V); sample per row with the row's own
+2. decode: one `decode_step` of every running row's last token, (B, 1) → logits (B, V) — static cache buffers, no
+   host sync, compiled under the switch of densa/model/compile.py (`compile=`); sample per row with the row's own
    settings (greedy rows share one argmax);
 3. retire: rows that hit a stop token, a stop string, `max_tokens`, their deadline or a client disconnect leave the
    cache at once, so their slot is free for the next admit.
@@ -13,8 +15,8 @@ flag, so the engine can be driven without HTTP (tests, the benchmark's reference
 
 Metering: every forward's wall time is split between the rows it served (prefill: by prompt tokens; decode:
 evenly), so `compute_s` is the request's share of the busy hardware and `usd = $/hour × compute_s / 3600`.
-FLOPs are analytic (densa/counting.py) over the tokens the request put through the model, with the MoE FFN term
-replaced by the experts its tokens actually used.
+FLOPs come from the measurement core (densa/measure.py) over the tokens the request put through the model, with each
+layer's MoE FFN costed at the experts its tokens actually used (`ModelOutput.ffn_experts`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ import torch
 from torch import Tensor
 
 from densa.cost import request_usd
-from densa.counting import flops_per_token
 from densa.generation import sample_next
+from densa.measure import experts_per_row, forward_flops_per_token
 from densa.model.cache import ModelCache
+from densa.model.compile import inference_steps
 from densa.model.model import DensaModel
-from densa.model.moe import MoE
 from densa.serve.batching import concat_caches, drop_rows, pad_prompts
 from densa.serve.metrics import ServerMetrics
 
@@ -98,7 +100,7 @@ class Request:
         self.compute_s = 0.0
         self.batch_sizes = 0  # Σ batch size over this row's decode steps (for the mean)
         self.decode_steps = 0
-        self.experts: dict[int, float] = {}  # MoE layer -> Σ FFN experts over this request's tokens
+        self.experts_L: list[float] | None = None  # per layer, Σ FFN experts over this request's tokens (MoE only)
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
     def cancel(self) -> None:
@@ -110,10 +112,11 @@ class Engine:
     """The scheduler thread. `submit()` is the only call the HTTP side needs."""
 
     def __init__(self, model: DensaModel, metrics: ServerMetrics, *, max_batch: int = 8, max_queue: int = 64,
-                 usd_per_hour: float = 0.10) -> None:
+                 usd_per_hour: float = 0.10, compile: str = "auto") -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be >= 1")
         self.model, self.metrics = model.eval(), metrics
+        self.steps = inference_steps(self.model, compile)  # the compile switch (densa/model/compile.py)
         self.max_batch, self.max_queue, self.usd_per_hour = max_batch, max_queue, usd_per_hour
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []  # row i of self.cache
@@ -122,7 +125,6 @@ class Engine:
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
-        self.moe_layers = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoE)]
 
     # ---- the HTTP side ----
     def submit(self, request: Request) -> None:
@@ -192,9 +194,9 @@ class Engine:
         ids, mask = pad_prompts([r.prompt_ids for r in new])
         cache = self.model.new_cache()
         echo = any(r.params.echo_logprobs for r in new)
-        out = self.model(ids, cache=cache, attention_mask=mask)
-        logits_BTV = out.logits if echo else out.logits[:, -1:]
-        self._count_experts(new, mask)
+        out = self.steps.prefill(ids, cache, mask, logits_to_keep=0 if echo else 1)  # prompt logits only for echo
+        logits_BTV = out.logits
+        self._count_experts(new, out.ffn_experts, mask)
         elapsed = time.perf_counter() - start
         total = sum(len(r.prompt_ids) for r in new)
         for r in new:
@@ -222,8 +224,8 @@ class Engine:
     def _decode_step(self) -> None:
         start = time.perf_counter()
         tokens = torch.tensor([[r.last_token] for r in self.rows], dtype=torch.long)  # (B, 1)
-        logits_BV = self.model(tokens, cache=self.cache).logits[:, -1]
-        self._count_experts(self.rows, None)
+        logits_BV, ffn_experts_LB = self.steps.decode(tokens, self.cache)
+        self._count_experts(self.rows, None if ffn_experts_LB is None else ffn_experts_LB[..., None], None)
         share = (time.perf_counter() - start) / len(self.rows)
         greedy = logits_BV.argmax(-1).tolist()
         for i, r in enumerate(self.rows):
@@ -333,16 +335,16 @@ class Engine:
             out.append(TokenLogprob(r.prompt_ids[t + 1], lp, top))
         return out
 
-    def _count_experts(self, rows: list[Request], mask_BT: Tensor | None) -> None:
-        for layer in self.moe_layers:
-            used_BL = self.model.layers[layer].mlp.last_ffn_experts_BL.float()  # FFN experts of each token
-            if mask_BT is not None:
-                used_BL = used_BL * mask_BT
-            tokens = int(mask_BT.sum()) if mask_BT is not None else used_BL.numel()
-            per_row = used_BL.sum(1).tolist()
-            for r, value in zip(rows, per_row, strict=True):
-                r.experts[layer] = r.experts.get(layer, 0.0) + value
-            self.metrics.record_experts(layer, sum(per_row), tokens)
+    def _count_experts(self, rows: list[Request], ffn_experts_LBT: Tensor | None, mask_BT: Tensor | None) -> None:
+        """Add each row's FFN experts (from the forward's output) to its request and to the server metrics."""
+        if ffn_experts_LBT is None:
+            return
+        per_row = experts_per_row(ffn_experts_LBT, mask_BT).tolist()  # (B, layers)
+        for r, used_L in zip(rows, per_row, strict=True):
+            r.experts_L = used_L if r.experts_L is None else [a + b for a, b in zip(r.experts_L, used_L, strict=True)]
+        tokens = int(mask_BT.sum()) if mask_BT is not None else ffn_experts_LBT.shape[1] * ffn_experts_LBT.shape[2]
+        for layer, total in enumerate(map(sum, zip(*per_row, strict=True))):
+            self.metrics.record_experts(layer, total, tokens)
 
     def _finish(self, r: Request, reason: str) -> None:
         r.finished = True
@@ -367,14 +369,9 @@ class Engine:
         cfg = self.model.config
         processed = len(r.prompt_ids) + max(r.completion_tokens - 1, 0)  # the last sampled token is never fed
         context = len(r.prompt_ids) + r.completion_tokens
-        flops = flops_per_token(cfg, context=max(context, 1)).total * processed
-        experts_per_token = None
-        if self.moe_layers and r.experts:
-            F_, D = cfg.expert_intermediate_size, cfg.hidden_size
-            used = sum(r.experts.values())  # Σ over layers and tokens of FFN experts actually run
-            if cfg.ffn == "moe":  # replace the analytic budget target by what the tokens used
-                flops += 6 * D * F_ * (used - cfg.target_active_experts * len(self.moe_layers) * processed)
-            experts_per_token = used / (len(self.moe_layers) * processed)
+        experts_L = [u / processed for u in r.experts_L] if r.experts_L and processed else None
+        flops = forward_flops_per_token(cfg, max(context, 1), experts_L) * processed
+        experts_per_token = sum(experts_L) / len(experts_L) if experts_L else None
         return {
             "prompt_tokens": len(r.prompt_ids),
             "completion_tokens": r.completion_tokens,

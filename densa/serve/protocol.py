@@ -10,6 +10,7 @@ silently ignored.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -120,6 +121,24 @@ class DetokenizeRequest(StrictModel):
     tokens: list[int]
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # \ud800-\udfff: half of a UTF-16 pair
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (JSON's "\\ud800" decodes to one, which is
+    no Unicode character: no UTF-8 encoding, no tokenization), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := _lone_surrogate(v, f"{where}.{k}" if where else k))), None)
+    elif isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := _lone_surrogate(v, f"{where}.{i}"))), None)
+    return None
+
+
 def parse_body(raw: bytes, model: type[StrictModel]) -> Any:
     """Decode and validate a JSON body; any problem is a 400 naming the offending field."""
     try:
@@ -128,6 +147,10 @@ def parse_body(raw: bytes, model: type[StrictModel]) -> Any:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    maybe = b"\x00" in raw[:4] or _SURROGATE_ESCAPE.search(raw)  # UTF-16/32 JSON, or an escape: scan the strings
+    if maybe and (where := _lone_surrogate(data, "")):
+        raise APIError(400, f"{where}: a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair) is not "
+                       "text", param=where.split(".")[0], code="invalid_value")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -21,6 +21,8 @@ STUDIES: dict[str, tuple[str, str]] = {
     "token-value": ("densa.study.token_value", "SFT vs correctness RL vs token-value RL vs truncation"),
     "moefy": ("densa.study.moefy", "a dense model converted to dynamic experts at several FFN budgets"),
     "iso-flop": ("densa.study.iso_flop", "densa vs dense vs top-k MoE (and ablations) at equal training FLOPs"),
+    "inference-density": ("densa.study.inference_density",
+                          "which recipe gives the most quality per inference FLOP, ms and $ at equal training FLOPs"),
 }
 
 

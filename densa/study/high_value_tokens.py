@@ -10,7 +10,8 @@ Setup (docs/high-value-tokens.md has the reasoning and the measured figures):
   both corpora (densa/data/reference.py), which also gives every document its value.
 - Arms, per corpus and seed: `uniform` (plain next-token loss), `selective` (train.token_selection=rho1 with
   `select_fraction`), `curriculum` (train.curriculum=value). Same model, optimiser and schedule shape (cosine to a
-  moderate `min_lr_ratio`, which Luo et al. 2025 recommend for ordered data; training.md §1.3).
+  moderate `min_lr_ratio`, which Luo et al. 2025, arXiv 2511.18903, recommend for ordered data;
+  docs/high-value-tokens.md, 'Value curriculum').
 - Equal total FLOPs: uniform trains `steps` steps, which sets the budget B = steps × tokens/step × training
   FLOPs/token. The other arms are charged the reference model's training plus scoring the whole training split once
   (what the trainer adds to its FLOP count, `reference_cost`) and get the steps that fit in what remains.

@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,12 @@ from tqdm import tqdm
 
 from densa.checkpoint import load_model
 from densa.config import ConfigError, ModelConfig, from_preset, read_recipe
-from densa.counting import count_parameters, ffn_flops_per_token, flops_per_token
+from densa.counting import count_parameters, flops_per_token
 from densa.data.corpora import corpus_texts
-from densa.data.prepare import load_manifest, prepare
+from densa.data.prepare import prepare
 from densa.data.pretrain import TokenStream
-from densa.data.tokenizer import train_tokenizer
+from densa.data.tokenizer import load_tokenizer, train_tokenizer
+from densa.measure import bits_per_byte, forward_flops_per_token, token_byte_lengths
 from densa.model.model import DensaModel
 from densa.study.iso_flop_analysis import plot, render_table, summarise
 from densa.train import distributed
@@ -54,10 +55,18 @@ class Variant:
     name: str
     mixer: str
     ffn: str
-    role: str  # "main" (seeds) or "ablation" (ablation_seeds)
+    role: str  # "main" (seeds), "ablation" (ablation_seeds) or "lever" (the inference-density study's extra arms)
     what: str
+    # further ModelConfig fields, derived from the study's base config (a lever: layout, widths, budget)
+    changes: Callable[[ModelConfig], dict[str, Any]] | None = None
+
+    def describe(self) -> dict[str, str]:
+        """The JSON-able part (the results files)."""
+        return {"name": self.name, "mixer": self.mixer, "ffn": self.ffn, "role": self.role, "what": self.what}
 
 
+# the inference-density levers (densa study inference-density, docs/inference-density.md): a cheaper mixer, a
+# hybrid layout with a few full-attention layers, narrower Mega widths, fewer FFN experts per token
 VARIANTS = {v.name: v for v in (
     Variant("densa", "mega", "moe", "main", "Mega mixer + dynamic MoE"),
     Variant("dense", "attention", "swiglu", "main", "Llama-style transformer, dense SwiGLU"),
@@ -65,7 +74,19 @@ VARIANTS = {v.name: v for v in (
     Variant("mega_topk", "mega", "topk_moe", "ablation", "densa without dynamic routing (mega + top-k MoE)"),
     Variant("mega_dense", "mega", "swiglu", "ablation", "densa's mixer with a dense SwiGLU"),
     Variant("attention_moe", "attention", "moe", "ablation", "dense attention with densa's dynamic MoE"),
+    Variant("delta_moe", "deltanet", "moe", "lever", "gated delta-rule mixer + dynamic MoE"),
+    Variant("delta_hybrid_moe", "deltanet", "moe", "lever",
+            "gated delta rule with every 3rd layer full attention + dynamic MoE", lambda b: {"attention_every": 3}),
+    Variant("mega_hybrid_moe", "mega", "moe", "lever", "Mega with every 3rd layer full attention + dynamic MoE",
+            lambda b: {"attention_every": 3}),
+    Variant("mega_narrow_moe", "mega", "moe", "lever", "Mega at half value width and ema_dim 8 + dynamic MoE",
+            lambda b: {"value_dim": b.value_dim // 2, "ema_dim": 8}),
+    Variant("mega_moe_lean", "mega", "moe", "lever", "densa with 2 FFN experts per token (of 4 slots)",
+            lambda b: {"target_active_experts": 2.0}),
+    Variant("delta_moe_lean", "deltanet", "moe", "lever", "gated delta rule + 2 FFN experts per token",
+            lambda b: {"target_active_experts": 2.0}),
 )}
+CLASSIC = [name for name, v in VARIANTS.items() if v.role != "lever"]  # the iso-FLOP study's own six
 
 
 @dataclass(kw_only=True)
@@ -76,7 +97,7 @@ class StudyConfig:
     seeds: int = 3  # seeds of the main variants (densa, dense, topk_moe)
     ablation_seeds: int = 1
     ablation_budgets: str = "all"  # "all" or "largest": train the ablations at every budget or only the largest
-    variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = dataclasses.field(default_factory=lambda: list(CLASSIC))
     warmup_fraction: float = 0.05  # warm-up steps as a share of each run's steps
     evals_per_run: int = 8  # points on each validation curve
     eval_windows: int = 64  # final held-out evaluation: windows spread over all held-out books
@@ -164,6 +185,8 @@ def variant_config(base: ModelConfig, variant: Variant) -> ModelConfig:
     """The base with the variant's mixer and FFN. Every MoE keeps the base's expert width F; the top-k MoE routes
     K = densa's target experts, so it has densa's FFN experts (total parameters) and active FFN FLOPs."""
     changes: dict[str, Any] = {"mixer": variant.mixer, "ffn": variant.ffn}
+    if variant.changes is not None:
+        changes.update(variant.changes(base))
     if variant.ffn != "swiglu":
         changes["moe_intermediate_size"] = base.expert_intermediate_size
     if variant.ffn == "topk_moe":
@@ -195,17 +218,14 @@ def prepare_data(study: StudyConfig, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------- one run
 
 def spent_training_flops_per_token(cfg: ModelConfig, context: int, metrics: list[dict]) -> float:
-    """Training FLOPs per token actually spent: the analytic count, with a dynamic MoE's FFN replaced by the mean
-    routed FLOPs its layers logged during training (`routing/layers.{i}.flops_per_token`)."""
-    analytic = flops_per_token(cfg, context)
-    if cfg.ffn != "moe":
-        return analytic.training
-    logged = [r for r in metrics if r.get("kind") == "train" and "routing/layers.0.flops_per_token" in r]
-    if not logged:
-        return analytic.training
-    ffn = sum(statistics.fmean(r[f"routing/layers.{i}.flops_per_token"] for r in logged)
-              for i in range(cfg.num_hidden_layers))
-    return 3 * (analytic.total - cfg.num_hidden_layers * ffn_flops_per_token(cfg) + ffn)
+    """Training FLOPs per token actually spent: 3 × the measurement core's forward FLOPs, with each MoE layer at the
+    mean FFN experts it logged during training (`routing/layers.{i}.mean_ffn_experts`)."""
+    logged = [r for r in metrics if r.get("kind") == "train" and "routing/layers.0.mean_ffn_experts" in r]
+    if cfg.ffn == "swiglu" or not logged:
+        return 3 * forward_flops_per_token(cfg, context)
+    experts = [statistics.fmean(r[f"routing/layers.{i}.mean_ffn_experts"] for r in logged)
+               for i in range(cfg.num_hidden_layers)]
+    return 3 * forward_flops_per_token(cfg, context, experts)
 
 
 def heldout_windows(data: Path, context: int, n: int) -> torch.Tensor:
@@ -215,36 +235,6 @@ def heldout_windows(data: Path, context: int, n: int) -> torch.Tensor:
     last = stream.tokens - (context + 1)
     starts = [round(i * last / max(1, n - 1)) for i in range(n)]
     return torch.stack([torch.from_numpy(stream.read(s, context + 1)) for s in starts])
-
-
-@torch.inference_mode()
-def heldout_eval(model: DensaModel, windows: torch.Tensor, tokens_per_byte: float, batch: int = 8) -> dict:
-    """Validation loss (nats/token), bits per byte and, for MoE layers, the FFN experts used per token in eval mode
-    (so inference FLOPs/token can be the ones spent)."""
-    model.eval()
-    ce, rows, experts = [], [], {}
-    for i in range(0, len(windows), batch):
-        out = model(windows[i:i + batch], labels=windows[i:i + batch])
-        ce.append(out.aux["ce_loss"].item())  # cross-entropy alone, whatever the model adds to `loss`
-        rows.append(len(windows[i:i + batch]))  # every window predicts the same number of tokens
-        for k, v in out.aux.items():
-            if k.endswith(".mean_ffn_experts"):
-                experts.setdefault(k, []).append(v.item())
-    loss = statistics.fmean(ce, weights=rows)  # a short last batch counts for its rows, not as a full batch
-    return {"val_loss": loss, "val_bpb": loss / math.log(2) * tokens_per_byte,
-            "ffn_experts": {k: statistics.fmean(v, weights=rows) for k, v in experts.items()}}
-
-
-def inference_flops_per_token(cfg: ModelConfig, context: int, ffn_experts: dict[str, float]) -> float:
-    """Forward FLOPs per token; for a dynamic MoE the FFN experts it used on held-out text, not its target."""
-    analytic = flops_per_token(cfg, context)
-    if cfg.ffn != "moe" or not ffn_experts:
-        return analytic.total
-    D, F_ = cfg.hidden_size, cfg.expert_intermediate_size
-    router = 2 * D * (cfg.num_experts + cfg.num_null_experts + cfg.num_identity_experts)
-    shared = 6 * D * F_ + 2 * D if cfg.shared_expert else 0
-    ffn = sum(ffn_experts.values()) * 6 * D * F_ + cfg.num_hidden_layers * (router + shared)
-    return analytic.total - cfg.num_hidden_layers * ffn_flops_per_token(cfg) + ffn
 
 
 @torch.inference_mode()
@@ -297,19 +287,17 @@ def run_one(variant: Variant, budget_index: int, budget: float, seed: int, base:
     curve = [[r["step"] * tokens_per_step * per_token, r["val_loss"], r["val_bpb"]]
              for r in metrics if r.get("kind") == "eval"]
     model = load_model(result.checkpoint).to(ctx.device)
-    manifest = load_manifest(data)
-    valid = manifest["splits"]["valid"]
     windows = heldout_windows(data, tcfg.context, study.eval_windows).to(ctx.device)
-    final = heldout_eval(model, windows, valid["tokens"] / valid["bytes"])
+    final = bits_per_byte(model, windows, token_byte_lengths(load_tokenizer(data / "tokenizer"), cfg.vocab_size))
     counts = count_parameters(model)
     record = {
         "variant": variant.name, "budget_index": budget_index, "budget": budget, "seed": seed, "steps": steps,
         "tokens": steps * tokens_per_step, "training_flops": steps * tokens_per_step * per_token,
         "training_flops_per_token": per_token, "analytic_training_flops_per_token":
             flops_per_token(cfg, tcfg.context).training,
-        "inference_flops_per_token": inference_flops_per_token(cfg, tcfg.context, final["ffn_experts"]),
+        "inference_flops_per_token": final.flops_per_token,
         "params_total": counts.total, "params_active": counts.active,
-        "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "ffn_experts": final["ffn_experts"],
+        "val_loss": final.nats_per_token, "val_bpb": final.bpb, "ffn_experts": final.ffn_experts,
         "curve": curve, "train_s": train_s, "tokens_per_s": result.tokens_per_s,
         "ms_per_token": decode_ms_per_token(model, windows[:1, :32], study.decode_tokens),
     }
@@ -331,7 +319,7 @@ def eval_suite(checkpoint: Path, label: str, study: StudyConfig, out: Path, prog
     suite = {}
     for r in records:
         ci, chance = r.get("score_ci"), r.get("chance")
-        above = None if chance is None or not ci else bool(ci[0] > chance)
+        above = None if r.get("at_chance") is None else not r["at_chance"]  # densa.eval.density's rule
         suite[r["task"]] = {"score": r["score"], "score_ci": ci, "chance": chance, "above_chance": above,
                             "n_items": r.get("n_items")}
     return suite
@@ -380,7 +368,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     flat, table = summarise(records, study)
     plots = plot(records, table, study, out)
     detail = {"recipe": str(recipe), "study": dataclasses.asdict(study), "base_model": base.to_dict(),
-              "train": train_fields, "variants": {n: dataclasses.asdict(VARIANTS[n]) for n in study.variants},
+              "train": train_fields, "variants": {n: VARIANTS[n].describe() for n in study.variants},
               "table": table, "runs": records, "plots": [p.name for p in plots]}
     (out / "iso-flop-detail.json").write_text(json.dumps(detail, indent=1) + "\n")
     print(render_table(table, study))

@@ -88,8 +88,10 @@ def summarise(records: list[dict], study: StudyConfig) -> tuple[dict, dict]:
         flat["eval_suite_above_chance"] = sorted(f"{n}/{t}" for n, s in suites.items() for t, v in s.items()
                                                  if v["above_chance"])
     main = [n for n in ("densa", "dense", "topk_moe") if n in table and top in table[n]]
-    if main:  # quality per inference FLOP: bits/byte saved over a uniform byte model (8 bits) per GFLOP/token
-        density = {n: (8 - table[n][top]["val_bpb"]) / (table[n][top]["inference_flops_per_token"] / 1e9)
+    if main:  # quality per inference FLOP: bits/byte saved over a uniform byte model (densa.eval.density) per GFLOP
+        from densa.eval.density import bits_saved
+
+        density = {n: bits_saved(table[n][top]["val_bpb"]) / (table[n][top]["inference_flops_per_token"] / 1e9)
                    for n in main}
         flat["best_quality_per_inference_flop"] = max(density, key=density.get)
         flat.update({f"{n}_bits_saved_per_gflop": v for n, v in density.items()})

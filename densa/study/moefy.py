@@ -1,17 +1,26 @@
 """`densa study moefy`: smollm2-135m converted to densa's dynamic MoE at several FFN budgets (docs/moefy.md).
 
-For each split (co-activation clusters, and the random balanced ablation) the model is converted once; each budget
-is then the same experts and router with the zc_bias set for that budget on the calibration tokens ("untuned"),
-and, where configured, the same model after brief router tuning with densa's trainer ("tuned"). Every variant is
-scored on held-out text the conversion never saw (Gutenberg's held-out books, WikiText-2): bits per byte with the
-routing it really used, FLOPs per token at the measured expert counts, and, for a few variants, measured ms/token and
-the commonsense benchmarks through `densa.eval.api.evaluate` (accuracy and Intelligence Density = accuracy per
-active GFLOP/token, compared with the original model's).
+Arms, each at every budget of `budgets` (share of the FFN's FLOPs):
+- `cluster-bNN` / `random-bNN`: the conversion as before issue 19 (co-activation clusters or the random ablation,
+  fitted router, zc_bias set per budget on the calibration tokens), with brief router / all-weight tuning
+  (`-tuned`, `-tuned-all`) on the variants named in `tuned` / `tuned_all`;
+- `shared-bNN`: + always-on shared experts (densa/moefy/shared.py); the shared share is chosen among `shared` on
+  the validation text at 50% budget (or the budget nearest it);
+- `shared-bNN-distilled`: + distillation against the original (densa/moefy/distill.py); what trains and the
+  learning rate are chosen among `distill_grid` by short pilot runs at 50% scored on the validation text, and the
+  number of steps by validating every `distill_eval_every` steps of the full run (the best step is kept);
+- `teal-bNN`: the neuron-level baseline (densa/moefy/teal.py), TEAL magnitude thresholds at sparsity 1 − budget.
+Validation text: the last book of Gutenberg's training split (never in the calibration or distillation text, which
+are the first books). Every choice is made on it; the held-out texts (Gutenberg's held-out books, WikiText-2) and
+the benchmarks are scored once per kept variant. Every figure is keyed `<variant>_<measure>`; the rows with the
+validation figures of every candidate are in rows.json.
 
-Headline key: `bpb_increase_at_half_ffn` = bpb(cluster, 50% budget, tuned) / bpb(original) - 1 on the two
-held-out texts together (goal <= 0.03). Every figure is keyed `<variant>_<measure>`; variants are `dense`,
-`{cluster,random}-b{100,75,50,35}` and `...-tuned`.
-Settings: `--set key=value` for any `StudyConfig` field (JSON values), e.g. `--set tune_steps=0`.
+Headline keys (docs/moefy.md): `bpb_increase_at_half_ffn` = held-out bpb / original's − 1 of the MoE variant at 50%
+with the best *validation* bpb (goal <= 0.10; `_variant` names it), `benchmark_drop_at_half_ffn_points` = the
+largest accuracy drop of that variant over the benchmarks, in points (goal <= 2), `prefill_speedup_at_half_ffn` and
+`decode_speedup_at_half_ffn` = the original's ms/token over that variant's (goals >= 1.5 and >= 1.2), measured
+through the fast path (oneDNN-packed linears, densa/model/fastlinear.py); `teal_*` the same for the baseline.
+Settings: `--set key=value` for any `StudyConfig` field (JSON values), e.g. `--set distill_steps=0`.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +38,20 @@ from typing import Any
 import torch
 
 from densa.checkpoint import save_checkpoint
+from densa.data.corpora import corpus_texts
+from densa.measure import bits_per_byte, forward_flops_per_token, text_windows, token_byte_lengths
 from densa.model.model import DensaModel
-from densa.moefy.calibrate import calibration_windows, corpus_text, encode
-from densa.moefy.convert import MoefyConfig, convert, with_budget
-from densa.moefy.measure import bits_per_byte, measured_flops_per_token, ms_per_token
+from densa.moefy import teal
+from densa.moefy.calibrate import calibration_windows, corpus_text, encode, ffn_inputs
+from densa.moefy.convert import Conversion, MoefyConfig, convert, with_budget
+from densa.moefy.distill import DistillConfig, distill
+from densa.moefy.measure import ms_per_token
 from densa.moefy.tune import TuneConfig, prepare_data, tune
 from densa.resolve import resolve
 
 HELD_OUT = {"gutenberg": ("gutenberg", "valid"), "wikitext2": ("wikitext2", "train")}  # wiki.test.raw
+GOALS = {"bpb_increase_at_half_ffn": 0.10, "benchmark_drop_at_half_ffn_points": 2.0,
+         "prefill_speedup_at_half_ffn": 1.5, "decode_speedup_at_half_ffn": 1.2}
 
 
 @dataclass(kw_only=True)
@@ -46,6 +63,7 @@ class StudyConfig:
     calib_tokens: int = 4096
     window: int = 512  # calibration and evaluation window
     eval_tokens: int = 2048  # held-out tokens per text
+    val_tokens: int = 2048  # validation tokens (the last Gutenberg training book)
     router_steps: int = 60
     tune_steps: int = 10
     tune_mode: str = "router"
@@ -55,9 +73,20 @@ class StudyConfig:
     tuned: list[str] = field(default_factory=lambda: ["cluster-b50", "cluster-b35", "random-b50"])
     tuned_all: list[str] = field(default_factory=lambda: ["cluster-b50"])  # also tuned with every weight trainable
     tune_all_lr: float = 1e-4
+    shared: list[float] = field(default_factory=lambda: [0.125, 0.25])  # candidate shared shares ([] = no arm)
+    distill_steps: int = 400  # full distillation run per budget (0 = no distilled arm)
+    distill_pilot_steps: int = 40  # per grid entry, at 50%, to choose mode and learning rate
+    distill_grid: list[dict] = field(default_factory=lambda: [{"mode": "moe", "lr": 1e-4},
+                                                              {"mode": "all", "lr": 5e-5},
+                                                              {"mode": "lora", "lr": 1e-3}])
+    distill_batch: int = 4
+    distill_context: int = 256
+    distill_on_policy: float = 0.0
+    distill_eval_every: int = 100
+    teal: bool = True
     timed: list[str] = field(default_factory=lambda: ["cluster-b100", "cluster-b75", "cluster-b50", "cluster-b35"])
-    benchmarks: dict[str, int] = field(default_factory=lambda: {"arc_easy": 32, "piqa": 32})
-    benchmarked: list[str] = field(default_factory=lambda: ["cluster-b75", "cluster-b50-tuned", "cluster-b35-tuned"])
+    benchmarks: dict[str, int] = field(default_factory=lambda: {"arc_easy": 200, "piqa": 200, "hellaswag": 200})
+    benchmarked: list[str] = field(default_factory=list)  # besides the original and the chosen 50% variant
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,26 +95,36 @@ class StudyConfig:
             value, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else str(f.type)
             ok = {"str": isinstance(value, str),
                   "int": isinstance(value, int) and not isinstance(value, bool),
+                  "bool": isinstance(value, bool),
                   "float": isinstance(value, int | float) and not isinstance(value, bool),
                   "list[float]": isinstance(value, list) and all(isinstance(v, int | float) for v in value),
                   "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+                  "list[dict]": isinstance(value, list) and all(isinstance(v, dict) for v in value),
                   "dict[str, int]": isinstance(value, dict) and all(isinstance(v, int) for v in value.values()),
                   }.get(kind, True)
             if not ok:
                 raise ValueError(f"--set {f.name}={value!r}: expected {kind}")
         if not self.budgets or not all(0 < b <= 1 for b in self.budgets):
             raise ValueError(f"--set budgets={self.budgets}: each must be in (0, 1] (a share of the FFN FLOPs)")
-        for name in ("experts", "calib_tokens", "window", "eval_tokens", "tune_batch", "tune_context"):
+        for name in ("experts", "calib_tokens", "window", "eval_tokens", "val_tokens", "tune_batch", "tune_context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--set {name}={getattr(self, name)}: must be >= 1")
         unknown = sorted(set(self.splits) - {"cluster", "random"})
         if unknown:
             raise ValueError(f"--set splits={self.splits}: choose from cluster, random")
+        if not all(0 < s < 1 for s in self.shared):
+            raise ValueError(f"--set shared={self.shared}: each must be in (0, 1) (a share of the FFN's neurons)")
+        if self.distill_steps and not self.distill_grid:
+            raise ValueError("--set distill_grid=[]: give at least one {\"mode\": ..., \"lr\": ...} entry")
+        for entry in self.distill_grid:  # DistillConfig names a bad mode or learning rate
+            DistillConfig(steps=1, mode=entry.get("mode", "moe"), lr=float(entry.get("lr", 0.0)))
 
 
-QUICK = dict(calib_tokens=1024, eval_tokens=512, router_steps=30, budgets=[1.0, 0.5], tune_steps=2,
-             tuned=["cluster-b50"], tuned_all=[], timed=["cluster-b50"], benchmarks={"arc_easy": 8},
-             benchmarked=["cluster-b50-tuned"])
+QUICK = dict(calib_tokens=1024, eval_tokens=512, val_tokens=512, router_steps=30, budgets=[1.0, 0.5],
+             splits=["cluster"], tune_steps=2, tuned=["cluster-b50"], tuned_all=[], shared=[0.25], distill_steps=4,
+             distill_pilot_steps=2, distill_grid=[{"mode": "moe", "lr": 1e-4}, {"mode": "lora", "lr": 1e-3}],
+             distill_batch=2, distill_context=128, distill_eval_every=2, timed=[],
+             benchmarks={"arc_easy": 8, "piqa": 8, "hellaswag": 8})
 
 
 def study_config(args: argparse.Namespace) -> StudyConfig:
@@ -103,20 +142,32 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
 
 
 def score(model: DensaModel, tokenizer, texts: dict[str, list[int]], window: int) -> dict[str, Any]:
-    """Held-out bits per byte on each text and both together, the FFN share used and FLOPs per token."""
+    """Held-out bits per byte on each text and both together, the FFN share used and FLOPs per token, all from the
+    measurement core (densa/measure.py). A TEAL model's FFN share is its measured share of weights read."""
     row: dict[str, Any] = {}
-    bits = n_bytes = 0.0
-    experts: list[list[float]] = []
+    token_bytes = token_byte_lengths(tokenizer, model.config.vocab_size)
+    nats = n_bytes = tokens = 0.0
+    weighted: list[float] | None = None  # Σ over texts of tokens × per-layer experts
+    is_teal = isinstance(model.layers[0].mlp, teal.TealFFN)
+    if is_teal:
+        teal.reset_counts(model)
     for name, ids in texts.items():
-        s = bits_per_byte(model, tokenizer, ids, window)
+        s = bits_per_byte(model, text_windows(ids, window), token_bytes, batch=4)
         row[f"bpb_{name}"] = s.bpb
-        bits, n_bytes = bits + s.bpb * s.bytes, n_bytes + s.bytes
-        experts.append(s.experts_per_layer)
-    row["bpb"] = bits / n_bytes
-    per_layer = [sum(col) / len(col) for col in zip(*experts, strict=True)] if experts[0] else []
+        nats, n_bytes, tokens = nats + s.nats, n_bytes + s.bytes, tokens + s.tokens
+        if s.ffn_experts is not None:
+            part = [e * s.tokens for e in s.ffn_experts]
+            weighted = part if weighted is None else [a + b for a, b in zip(weighted, part, strict=True)]
+    row["bpb"] = nats / math.log(2) / n_bytes
     cfg = model.config
+    if is_teal:
+        shares = teal.ffn_shares(model)
+        row["ffn_fraction"] = sum(shares) / len(shares)
+        row["flops_per_token"] = teal.teal_flops_per_token(model, window, shares)
+        return row
+    per_layer = [w / tokens for w in weighted] if weighted is not None else None
     row["ffn_fraction"] = sum(per_layer) / len(per_layer) / cfg.num_experts if per_layer else 1.0
-    row["flops_per_token"] = measured_flops_per_token(model, per_layer, window)
+    row["flops_per_token"] = forward_flops_per_token(cfg, window, per_layer)
     return row
 
 
@@ -133,78 +184,207 @@ def exactness(dense: DensaModel, full: DensaModel, texts: dict[str, list[int]], 
     return {"all_experts_max_abs_logit_diff": diff, "all_experts_greedy_identical": same}
 
 
+def validation_ids(tok, tokens: int) -> list[int]:
+    """The first `tokens` + 1 tokens of the last book of Gutenberg's training split (the validation text)."""
+    *_, last = corpus_texts("gutenberg", "train")
+    return encode(tok, last[: 8 * tokens])[: tokens + 1]
+
+
+@dataclass
+class Study:
+    """What every arm needs: the settings, the original, the texts, and where the rows go."""
+
+    cfg: StudyConfig
+    out: Path
+    dense: DensaModel
+    tok: Any
+    texts: dict[str, list[int]]  # held-out texts
+    val: dict[str, list[int]]  # {"validation": ids}
+    windows: torch.Tensor  # calibration windows
+    progress: bool
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    conversions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    best_half: str | None = None  # the MoE variant at 50% with the best validation bpb so far (saved for benchmarks)
+    saved: dict[str, str] = field(default_factory=dict)
+
+    def val_bpb(self, model: DensaModel) -> float:
+        return score(model, self.tok, self.val, self.cfg.window)["bpb"]
+
+    def add(self, name: str, model: DensaModel, moe: bool = True, **info: Any) -> None:
+        """Score `model` on validation and held-out text once, time it if asked, save it if benchmarked; a MoE
+        variant at the 50% budget that validates best so far becomes the headline candidate."""
+        row = {**info, "val_bpb": self.val_bpb(model), **score(model, self.tok, self.texts, self.cfg.window)}
+        if name in self.cfg.timed or (info.get("budget") == 0.5 and (not moe or self._beats_best(row))):
+            row |= ms_per_token(model, self.texts["gutenberg"])
+        self.rows[name] = row
+        if name in self.cfg.benchmarked:
+            self._save(model, name)
+        if moe and info.get("budget") == 0.5 and self._beats_best(row):
+            if self.best_half is not None and self.best_half not in self.cfg.benchmarked:
+                shutil.rmtree(self.saved.pop(self.best_half), ignore_errors=True)
+            self.best_half = name
+            self._save(model, name)
+        (self.out / "rows.partial.json").write_text(json.dumps(self.rows, indent=2) + "\n")  # survives a crash
+
+    def _beats_best(self, row: dict[str, Any]) -> bool:
+        return self.best_half is None or row["val_bpb"] < self.rows[self.best_half]["val_bpb"]
+
+    def _save(self, model: DensaModel, name: str) -> None:
+        if not self.cfg.benchmarks:
+            return
+        path = self.out / "models" / name
+        save_checkpoint(model, path, overwrite=True)
+        self.tok.save_pretrained(str(path))
+        self.saved[name] = str(path)
+
+
 def run(args: argparse.Namespace, out: Path) -> dict:
     cfg = study_config(args)
-    progress = not args.no_progress
+    out.mkdir(parents=True, exist_ok=True)
     source = resolve(cfg.model)
-    dense, tok = source.model, source.tokenizer
+    tok = source.tokenizer
     texts = {name: encode(tok, corpus_text(corpus, split, 8 * cfg.eval_tokens))[: cfg.eval_tokens + 1]
              for name, (corpus, split) in HELD_OUT.items()}
-    windows = calibration_windows(tok, "gutenberg", cfg.calib_tokens, cfg.window)
-    timing_ids = texts["gutenberg"]
-    rows: dict[str, dict[str, Any]] = {"dense": score(dense, tok, texts, cfg.window)}
-    rows["dense"] |= ms_per_token(dense, timing_ids)
-    saved: dict[str, str] = {}
-    data = prepare_data(tok, "gutenberg", 2, out / "tune") if cfg.tune_steps and cfg.tuned else None
-    conversions: dict[str, dict[str, Any]] = {}
+    st = Study(cfg, out, source.model, tok, texts, {"validation": validation_ids(tok, cfg.val_tokens)},
+               calibration_windows(tok, "gutenberg", cfg.calib_tokens, cfg.window), not args.no_progress)
+    st.rows["dense"] = {"val_bpb": st.val_bpb(st.dense), **score(st.dense, tok, texts, cfg.window),
+                        **ms_per_token(st.dense, texts["gutenberg"])}
     for split in cfg.splits:
-        start = time.perf_counter()
-        conversion = convert(dense, windows, MoefyConfig(experts=cfg.experts, budget=1.0, split=split,
-                                                         router_steps=cfg.router_steps, seed=cfg.seed), progress)
-        layers = conversion.report["layers"]
-        conversions[split] = {"seconds": time.perf_counter() - start,
-                              "router_recall": sum(r["router_recall"] for r in layers) / len(layers),
-                              "random_router_recall": sum(r["random_router_recall"] for r in layers) / len(layers),
-                              "mass_in_top_half": sum(r["mass_in_top_k"] for r in layers) / len(layers),
-                              "oracle_half_lost_output": _mean(layers, "oracle_top_k_lost_output"),
-                              "router_half_lost_output": _mean(layers, "router_top_k_lost_output"),
-                              "per_layer": layers}
-        for budget in cfg.budgets:
-            name = f"{split}-b{round(100 * budget)}"
-            model = with_budget(conversion, budget)
-            rows[name] = {"split": split, "budget": budget, "tuned": False, **score(model, tok, texts, cfg.window)}
-            if budget == 1.0:
-                conversions[split] |= exactness(dense, model, texts, cfg.window)
-            if name in cfg.timed:
-                rows[name] |= ms_per_token(model, timing_ids)
-            _maybe_save(model, tok, name, cfg, out, saved)
-            (out / "rows.partial.json").write_text(json.dumps(rows, indent=2) + "\n")  # survives an interruption
-            if name in cfg.tuned_all and data is not None:
-                tuned_all = with_budget(conversion, budget)
-                tc = TuneConfig(steps=cfg.tune_steps, mode="all", lr=cfg.tune_all_lr, batch_size=cfg.tune_batch,
-                                context=cfg.tune_context, seed=cfg.seed)
-                report = tune(tuned_all, data, out / "tune" / f"{name}-all", tc, progress)
-                rows[f"{name}-tuned-all"] = {"split": split, "budget": budget, "tuned": "all", **report,
-                                             **score(tuned_all, tok, texts, cfg.window)}
-                del tuned_all
-            if name in cfg.tuned and data is not None:
-                tc = TuneConfig(steps=cfg.tune_steps, mode=cfg.tune_mode, lr=cfg.tune_lr, batch_size=cfg.tune_batch,
-                                context=cfg.tune_context, seed=cfg.seed)
-                report = tune(model, data, out / "tune" / name, tc, progress)
-                rows[f"{name}-tuned"] = {"split": split, "budget": budget, "tuned": True, **report,
-                                         **score(model, tok, texts, cfg.window)}
-                _maybe_save(model, tok, f"{name}-tuned", cfg, out, saved)
-            del model
-        del conversion
-    bench = _benchmarks(cfg, saved, out, progress) if cfg.benchmarks and saved else {}
-    result = _summary(cfg, rows, conversions, bench)
-    (out / "rows.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows,
-                                               "conversions": conversions, "benchmarks": bench}, indent=2) + "\n")
-    _plots(rows, bench, out)
-    (out / "moefy.md").write_text(_markdown(rows, bench, result))
+        _split_arm(st, split)
+    if cfg.shared:
+        _shared_arms(st)
+    if cfg.teal:
+        _teal_arm(st)
+    bench = _benchmarks(cfg, st.saved, out, st.progress) if cfg.benchmarks and st.saved else {}
+    result = _summary(cfg, st, bench)
+    (out / "rows.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": st.rows,
+                                               "conversions": st.conversions, "benchmarks": bench}, indent=2) + "\n")
+    _plots(st.rows, bench, out)
+    (out / "moefy.md").write_text(_markdown(st.rows, bench, result))
     return result
+
+
+def _conversion_info(conversion: Conversion, seconds: float) -> dict[str, Any]:
+    layers = conversion.report["layers"]
+    return {"seconds": seconds, "router_recall": _mean(layers, "router_recall"),
+            "random_router_recall": _mean(layers, "random_router_recall"),
+            "mass_in_top_half": _mean(layers, "mass_in_top_k"),
+            "oracle_half_lost_output": _mean(layers, "oracle_top_k_lost_output"),
+            "router_half_lost_output": _mean(layers, "router_top_k_lost_output"), "per_layer": layers}
+
+
+def _convert(st: Study, split: str, shared: float = 0.0) -> tuple[Conversion, dict[str, Any]]:
+    start = time.perf_counter()
+    conversion = convert(st.dense, st.windows, MoefyConfig(experts=st.cfg.experts, budget=1.0, split=split,
+                                                           shared=shared, router_steps=st.cfg.router_steps,
+                                                           seed=st.cfg.seed), st.progress)
+    return conversion, _conversion_info(conversion, time.perf_counter() - start)
+
+
+def _split_arm(st: Study, split: str) -> None:
+    """The conversion as before issue 19, with the optional brief tuning (module docstring)."""
+    cfg = st.cfg
+    conversion, st.conversions[split] = _convert(st, split)
+    data = prepare_data(st.tok, "gutenberg", 2, st.out / "tune") if cfg.tune_steps and cfg.tuned else None
+    for budget in cfg.budgets:
+        name = f"{split}-b{round(100 * budget)}"
+        model = with_budget(conversion, budget)
+        st.add(name, model, split=split, budget=budget, tuned=False)
+        if budget == 1.0:
+            st.conversions[split] |= exactness(st.dense, model, st.texts, cfg.window)
+        if name in cfg.tuned_all and data is not None:
+            tuned_all = with_budget(conversion, budget)
+            tc = TuneConfig(steps=cfg.tune_steps, mode="all", lr=cfg.tune_all_lr, batch_size=cfg.tune_batch,
+                            context=cfg.tune_context, seed=cfg.seed)
+            report = tune(tuned_all, data, st.out / "tune" / f"{name}-all", tc, st.progress)
+            st.add(f"{name}-tuned-all", tuned_all, split=split, budget=budget, tuned="all", **report)
+            del tuned_all
+        if name in cfg.tuned and data is not None:
+            tc = TuneConfig(steps=cfg.tune_steps, mode=cfg.tune_mode, lr=cfg.tune_lr, batch_size=cfg.tune_batch,
+                            context=cfg.tune_context, seed=cfg.seed)
+            report = tune(model, data, st.out / "tune" / name, tc, st.progress)
+            st.add(f"{name}-tuned", model, split=split, budget=budget, tuned=True, **report)
+        del model
+
+
+def _pick_budget(budgets: list[float]) -> float:
+    """The budget choices are made at: 0.5, or the one nearest it."""
+    return min((b for b in budgets if b < 1) or budgets, key=lambda b: abs(b - 0.5))
+
+
+def _shared_arms(st: Study) -> None:
+    """+ shared experts (share chosen on validation), then + distillation (settings chosen on validation)."""
+    cfg = st.cfg
+    at = _pick_budget(cfg.budgets)
+    candidates: dict[float, float] = {}
+    chosen: tuple[float, Conversion, dict[str, Any]] | None = None
+    for share in cfg.shared:
+        if share > at:
+            continue
+        conversion, info = _convert(st, "cluster", share)
+        candidates[share] = st.val_bpb(with_budget(conversion, at))
+        if chosen is None or candidates[share] < candidates[chosen[0]]:
+            chosen = (share, conversion, info)
+        del conversion
+    if chosen is None:
+        return
+    share, conversion, info = chosen
+    st.conversions["shared"] = {**info, "share": share, "shared_experts": conversion.report["shared_experts"],
+                                "validation_bpb_by_share": {str(k): v for k, v in candidates.items()}}
+    budgets = [b for b in cfg.budgets if b >= share]
+    for budget in budgets:
+        model = with_budget(conversion, budget)
+        st.add(f"shared-b{round(100 * budget)}", model, split="shared", budget=budget, tuned=False, shared=share)
+        if budget == 1.0:
+            st.conversions["shared"] |= exactness(st.dense, model, st.texts, cfg.window)
+    if not cfg.distill_steps:
+        return
+    steps = max(cfg.distill_steps, cfg.distill_pilot_steps)
+    text = calibration_windows(st.tok, "gutenberg", steps * cfg.distill_batch * cfg.distill_context,
+                               cfg.distill_context, skip=int(st.windows.numel()))
+    pilots: list[dict[str, Any]] = []
+    if len(cfg.distill_grid) > 1:
+        for i, entry in enumerate(cfg.distill_grid):
+            model = with_budget(conversion, at)
+            report = distill(model, st.dense, text, st.out / "distill" / f"pilot-{i}",
+                             _distill_config(cfg, entry, cfg.distill_pilot_steps, eval_every=0), progress=st.progress)
+            pilots.append({**entry, "val_bpb": st.val_bpb(model), "cpu_seconds": report["distill_cpu_seconds"]})
+            del model
+        best = min(pilots, key=lambda p: p["val_bpb"])
+        entry = {k: best[k] for k in cfg.distill_grid[0]}
+    else:
+        entry = cfg.distill_grid[0]
+    st.conversions["distill"] = {"pilots": pilots, "chosen": entry}
+    for budget in (b for b in budgets if b < 1):
+        model = with_budget(conversion, budget)
+        dc = _distill_config(cfg, entry, cfg.distill_steps, eval_every=cfg.distill_eval_every)
+        report = distill(model, st.dense, text, st.out / "distill" / f"b{round(100 * budget)}", dc,
+                         validate=st.val_bpb, progress=st.progress)
+        st.add(f"shared-b{round(100 * budget)}-distilled", model, split="shared", budget=budget, tuned="distilled",
+               shared=share, **report)
+        del model
+
+
+def _distill_config(cfg: StudyConfig, entry: dict, steps: int, eval_every: int) -> DistillConfig:
+    return DistillConfig(steps=steps, mode=entry.get("mode", "moe"), lr=float(entry.get("lr", 0.0)),
+                         batch_size=cfg.distill_batch, context=cfg.distill_context, on_policy=cfg.distill_on_policy,
+                         sample_tokens=min(64, cfg.distill_context // 2), eval_every=eval_every,
+                         checkpoint_every=max(1, cfg.distill_eval_every), seed=cfg.seed)
+
+
+def _teal_arm(st: Study) -> None:
+    """The neuron-level baseline at sparsity 1 − budget, thresholds from the calibration windows."""
+    inputs = ffn_inputs(st.dense, st.windows, progress=st.progress)
+    for budget in (b for b in st.cfg.budgets if b < 1):
+        thresholds = teal.calibrate(st.dense, st.windows, 1 - budget, inputs=inputs)
+        model = teal.teal_model(st.dense, thresholds)
+        st.add(f"teal-b{round(100 * budget)}", model, moe=False, split="teal", budget=budget, tuned=False,
+               sparsity=thresholds.sparsity)
+        del model
 
 
 def _mean(layers: list[dict[str, Any]], key: str) -> float:
     return sum(r[key] for r in layers) / len(layers)
-
-
-def _maybe_save(model: DensaModel, tok, name: str, cfg: StudyConfig, out: Path, saved: dict[str, str]) -> None:
-    if name in cfg.benchmarked:
-        path = out / "models" / name
-        save_checkpoint(model, path, overwrite=True)
-        tok.save_pretrained(str(path))
-        saved[name] = str(path)
 
 
 def _benchmarks(cfg: StudyConfig, saved: dict[str, str], out: Path, progress: bool) -> dict[str, dict[str, Any]]:
@@ -219,25 +399,27 @@ def _benchmarks(cfg: StudyConfig, saved: dict[str, str], out: Path, progress: bo
         density = (r.get("intelligence_density") or {}).get("per_gflop")
         bench.setdefault(labels[r["model"]], {})[r["task"]] = {
             "accuracy": r["score"], "accuracy_ci": r["score_ci"], "n": r["n_items"], "chance": r["chance"],
+            "quality": r.get("quality"),
             "id_per_gflop": density, "flops_per_token": r["flops_per_token_spent"] or r["flops_per_token"],
             "ms_per_token": r["ms_per_token"]}
     return bench
 
 
-def _summary(cfg: StudyConfig, rows: dict[str, dict[str, Any]], conversions: dict[str, dict[str, Any]],
-             bench: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    base = rows["dense"]
+def _summary(cfg: StudyConfig, st: Study, bench: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rows, base = st.rows, st.rows["dense"]
     flat: dict[str, Any] = {"model": cfg.model, "experts": cfg.experts, "tune_steps": cfg.tune_steps,
                             "tune_mode": cfg.tune_mode, "calib_tokens": cfg.calib_tokens,
-                            "eval_tokens_per_text": cfg.eval_tokens}
+                            "eval_tokens_per_text": cfg.eval_tokens, "val_tokens": cfg.val_tokens,
+                            "distill_steps": cfg.distill_steps, "goals": GOALS}
     for name, row in rows.items():
-        for key in ("bpb", "bpb_gutenberg", "bpb_wikitext2", "ffn_fraction", "flops_per_token",
-                    "prefill_ms_per_token", "decode_ms_per_token"):
+        for key in ("bpb", "bpb_gutenberg", "bpb_wikitext2", "val_bpb", "ffn_fraction", "flops_per_token",
+                    "prefill_ms_per_token", "decode_ms_per_token", "distill_mode", "distill_lr", "distill_best_step",
+                    "distill_tokens", "distill_cpu_seconds", "distill_wall_seconds", "sparsity", "shared"):
             if key in row:
                 flat[f"{name}_{key}"] = row[key]
         flat[f"{name}_bpb_increase"] = row["bpb"] / base["bpb"] - 1
         flat[f"{name}_flops_ratio"] = row["flops_per_token"] / base["flops_per_token"]
-    for split, info in conversions.items():
+    for split, info in st.conversions.items():
         for key, value in info.items():
             if key != "per_layer":  # per-layer figures stay in rows.json
                 flat[f"{split}_{key}"] = value
@@ -249,19 +431,29 @@ def _summary(cfg: StudyConfig, rows: dict[str, dict[str, Any]], conversions: dic
             ref = dense_bench.get(task, {})
             if b["id_per_gflop"] and ref.get("id_per_gflop"):  # densa eval's accuracy per active GFLOP/token
                 flat[f"{name}_{task}_id_ratio"] = b["id_per_gflop"] / ref["id_per_gflop"]
-            if ref.get("accuracy") is not None and ref["accuracy"] > b["chance"] and b["flops_per_token"]:
-                # the same with accuracy above chance, so a model at chance has no density at all
-                above = (b["accuracy"] - b["chance"]) / b["flops_per_token"]
-                flat[f"{name}_{task}_id_above_chance_ratio"] = above / (
-                    (ref["accuracy"] - b["chance"]) / ref["flops_per_token"])
+            if (ref.get("quality") or 0) > 0 and b.get("quality") is not None and b["flops_per_token"]:
+                # the same with chance-corrected quality (densa.eval.density) even where an interval includes chance
+                flat[f"{name}_{task}_id_above_chance_ratio"] = (b["quality"] / b["flops_per_token"]) / (
+                    ref["quality"] / ref["flops_per_token"])
         probe = next(iter(tasks.values()))["ms_per_token"] or {}
         flat[f"{name}_eval_probe_ms_per_token_batch1"] = (probe.get("batch_1") or {}).get("median")
-    tuned_half = [n for n in ("cluster-b50-tuned", "cluster-b50-tuned-all") if n in rows]
-    half = min(tuned_half, key=lambda n: rows[n]["bpb"]) if tuned_half else "cluster-b50"  # the better tuning
-    if half in rows:
-        flat["bpb_increase_at_half_ffn"] = rows[half]["bpb"] / base["bpb"] - 1
-        flat["bpb_increase_at_half_ffn_variant"] = half
-        flat["bpb_increase_at_half_ffn_goal"] = 0.03
+    for prefix, half in (("", st.best_half), ("teal_", "teal-b50" if "teal-b50" in rows else None)):
+        if half is None:
+            continue
+        flat[f"{prefix}bpb_increase_at_half_ffn"] = rows[half]["bpb"] / base["bpb"] - 1
+        flat[f"{prefix}bpb_increase_at_half_ffn_variant"] = half
+        for what in ("prefill", "decode"):
+            if f"{what}_ms_per_token" in rows[half]:
+                flat[f"{prefix}{what}_speedup_at_half_ffn"] = (base[f"{what}_ms_per_token"]
+                                                               / rows[half][f"{what}_ms_per_token"])
+    if st.best_half is not None:
+        flat["bpb_increase_at_half_ffn_goal"] = GOALS["bpb_increase_at_half_ffn"]
+        flat["bpb_increase_at_half_ffn_selected_on"] = "validation bpb (the last Gutenberg training book)"
+        drops = {task: 100 * (dense_bench[task]["accuracy"] - b["accuracy"])
+                 for task, b in bench.get(st.best_half, {}).items() if task in dense_bench}
+        if drops:
+            flat["benchmark_drop_at_half_ffn_points"] = max(drops.values())
+            flat |= {f"benchmark_drop_at_half_ffn_points_{task}": d for task, d in drops.items()}
     return flat
 
 
@@ -273,13 +465,13 @@ def _plots(rows: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any]], ou
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(rows["dense"]["bpb"], color="black", lw=1, ls=":", label="original (dense)")
-    for split, color in (("cluster", "tab:blue"), ("random", "tab:orange")):
-        for tuned, style, what in ((False, "o--", "fitted router only"), (True, "s-", "router tuned"),
-                                   ("all", "^", "all weights tuned")):
-            pts = sorted((r["ffn_fraction"], r["bpb"]) for r in rows.values()
-                         if r.get("split") == split and r.get("tuned") == tuned)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, color=color, label=f"{split} split, {what}")
+    arms: dict[str, list[tuple[float, float]]] = {}
+    for r in rows.values():
+        if "split" in r:
+            what = {False: "", True: ", router tuned", "all": ", all weights tuned", "distilled": ", distilled"}
+            arms.setdefault(f"{r['split']}{what[r['tuned']]}", []).append((r["ffn_fraction"], r["bpb"]))
+    for label, pts in arms.items():
+        ax.plot(*zip(*sorted(pts), strict=True), "o-" if len(pts) > 1 else "^", label=label)
     ax.set_xlabel("FFN compute used (share of the dense FFN's FLOPs, measured)")
     ax.set_ylabel("held-out bits per byte (Gutenberg + WikiText-2)")
     ax.set_title("smollm2-135m converted by densa moefy")
@@ -308,13 +500,14 @@ def _plots(rows: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any]], ou
 
 
 def _markdown(rows: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any]], result: dict[str, Any]) -> str:
-    lines = ["# densa study moefy", "", "| variant | FFN share | GFLOPs/token | bpb Gutenberg | bpb WikiText-2 | "
-             "bpb both | increase | prefill ms/tok | decode ms/tok |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# densa study moefy", "", "| variant | FFN share | GFLOPs/token | bpb validation | bpb Gutenberg | "
+             "bpb WikiText-2 | bpb both | increase | prefill ms/tok | decode ms/tok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         def ms(key: str, r: dict[str, Any] = r) -> str:
             return f"{r[key]:.2f}" if key in r else ""
         lines.append(f"| {name} | {r['ffn_fraction']:.3f} | {r['flops_per_token'] / 1e9:.3f} | "
-                     f"{r['bpb_gutenberg']:.4f} | {r['bpb_wikitext2']:.4f} | {r['bpb']:.4f} | "
+                     f"{r['val_bpb']:.4f} | {r['bpb_gutenberg']:.4f} | {r['bpb_wikitext2']:.4f} | {r['bpb']:.4f} | "
                      f"{result[f'{name}_bpb_increase']:+.1%} | {ms('prefill_ms_per_token')} | "
                      f"{ms('decode_ms_per_token')} |")
     if bench:
@@ -325,8 +518,12 @@ def _markdown(rows: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any]],
                 ratios = [result.get(f"{name}_{task}_{key}") for key in ("id_ratio", "id_above_chance_ratio")]
                 cells = " | ".join(f"{r:.2f}" if r is not None else "" for r in ratios)
                 lines.append(f"| {name} | {task} | {b['accuracy']:.3f} | {b['n']} | {cells} |")
-    if "bpb_increase_at_half_ffn" in result:
-        lines += ["", f"bpb_increase_at_half_ffn ({result['bpb_increase_at_half_ffn_variant']}): "
-                      f"{result['bpb_increase_at_half_ffn']:+.4f} (goal <= 0.03)"]
+    lines.append("")
+    for key, goal in GOALS.items():
+        for prefix in ("", "teal_"):
+            if prefix + key in result:
+                variant = result.get(f"{prefix}bpb_increase_at_half_ffn_variant", "")
+                lines.append(f"{prefix}{key} ({variant}): {result[prefix + key]:+.4f} (goal "
+                             f"{'<=' if 'speedup' not in key else '>='} {goal:g})")
     return "\n".join(lines) + "\n"
 

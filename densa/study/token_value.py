@@ -1,23 +1,30 @@
 """`densa study token-value`: does token-value RL keep accuracy with far fewer output tokens? (docs/alignment.md)
 
-Per seed (3 by default), on the generated arithmetic word problems (with `shared_sft`, the default, step 1 runs once,
-seed 0, and every seed's RL starts from it):
-  1. SFT          a fresh densa model on a mix of concise and verbose-but-correct targets (recipes/sft-arithmetic.yaml)
-  2. RL-correct   GRPO from that SFT model, reward = correctness only (align-arithmetic.yaml, reward.length=none)
-  3. RL-TV        GRPO, identical config, reward = correctness + token-value term (recipes/align-arithmetic.yaml)
-  4. truncation   the SFT model with max_new_tokens capped at RL-TV's mean output length (is RL just "cut off"?)
-Every arm is decoded greedily on the same held-out problems (and the 4-operation OOD split). Reported: accuracy,
-mean output tokens (all; correct only), Token Value (correct answers per 1,000 output tokens), accuracy against a
-token budget, OOD accuracy and the short-but-wrong rate (output no longer than the problem's concise reference
-solution, and wrong: brevity bought with errors). A diagnostic, `sft_forced_concise_*`: the SFT model decoded with
-its answer forced to start like the concise form (the first digit of the start number), which measures how much
-accuracy the SFT model itself keeps without the verbose filler — the best a length reward could hope to keep.
+A protocol that cannot flatter, in two phases on the generated arithmetic word problems:
 
-Headline keys: `token_reduction` = 1 − tokens(RL-TV)/tokens(SFT) and `accuracy_delta` = accuracy(RL-TV) −
-accuracy(SFT) in points, each with a 95% bootstrap interval over held-out items (resampled within each seed, the
-same items for both arms, pooled over seeds). That interval holds each seed's RL run fixed; `..._ci95_seeds` is
-the Student-t interval over the per-seed values, which also covers how much the RL outcome varies between seeds.
-Goal: token_reduction ≥ 0.5 with accuracy_delta ≥ −1.
+  tuning        one SFT model (seed `tuning_seed`) and, from it, one RL run per pre-registered candidate
+                (`candidates`, tried in the order listed). Every one of them is scored on the *validation* split
+                only; the test split is not touched. The selection rule, fixed before any run: among candidates
+                with validation accuracy_delta ≥ −1 point and invented answers on unanswerable problems no more
+                frequent than the SFT model's, the largest token reduction; if none qualifies, the highest
+                accuracy_delta (then the largest reduction). A candidate that crashes is recorded as failed.
+  confirmation  per seed s = 0..seeds−1 (none equal to tuning_seed): a *separate* SFT model (sft.seed = s), and
+                from it RL-correct (the selected config with reward.length = none) and RL-TV (the selected config),
+                grpo.seed = s. Each arm is scored exactly once on the test split (held-out, OOD and the unanswerable
+                problems of both); `Scorer` refuses a second test scoring. Truncation (the SFT outputs capped at
+                RL-TV's mean length) is a view of the SFT decoding, not a new one.
+
+Every arm — tuning candidates with their validation figures, failed runs with their error — is in the JSON, and
+`trials` lists what was run in the order it was run. Reported per arm: accuracy, output tokens (all; correct only),
+Token Value (correct answers per 1,000 output tokens), accuracy against a token budget, OOD accuracy, the
+short-but-wrong rate (output no longer than the concise reference solution, and wrong), and on unanswerable
+problems the invented-number rate (a numeric final answer where the honest one is `#### unknown`).
+
+Headline keys (suffixed with `key_suffix`, e.g. `_smollm2`): `token_reduction` = 1 − tokens(RL-TV)/tokens(SFT) and
+`accuracy_delta` = accuracy(RL-TV) − accuracy(SFT) in points on the test split, pooled over seeds, with a 95%
+Student-t interval over seeds (`..._ci95_seeds`, the goal's interval) and an item bootstrap (`..._ci95`). Goal:
+token_reduction ≥ 0.5, the lower end of accuracy_delta's seed interval ≥ −1, OOD accuracy ≥ SFT's and the
+invented-number rate ≤ SFT's (each also reported on its own).
 """
 
 from __future__ import annotations
@@ -25,40 +32,62 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, field
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from densa.align.config import load_recipe
-from densa.align.evaluate import Output, budget_curve, generate_greedy
+from densa.align.evaluate import Output, audit_unanswerable, budget_curve, generate_greedy
 from densa.align.grpo import run_grpo
 from densa.align.logs import read_jsonl
 from densa.align.policy import load_policy
-from densa.align.problems import heldout_and_ood, messages
+from densa.align.problems import heldout_and_ood, messages, unanswerable, validation_split
 from densa.align.sft import run_sft
 from densa.config import ConfigError, read_recipe
 from densa.study.stats import mean_ci
 
 ARMS = ("sft", "rl_correct", "rl_tv", "truncation")
 LABELS = {"sft": "SFT", "rl_correct": "RL, correctness only", "rl_tv": "RL, token value", "truncation": "SFT truncated"}
+ROUTED = ("sft.", "task.", "policy.", "grpo.", "reward.")
+
+# Pre-registered token-value candidates, tried in this order on the validation split (docs/alignment.md, 'Evidence').
+CANDIDATES: dict[str, list[str]] = {
+    "gated": ["reward.length=gated", "reward.weight=0.5"],
+    "shortest": ["reward.length=shortest", "reward.weight=0.5"],
+    "dler": ["reward.length=truncation", "reward.truncate_at=40", "reward.overlong_cache=0", "grpo.loss_type=dapo",
+             "grpo.scale_rewards=batch", "grpo.epsilon_high=0.28", "grpo.dynamic_sampling=true"],
+    "gated-kl": ["reward.length=gated", "reward.weight=0.5", "grpo.beta=0.04"],
+    "gated-lr2e-5": ["reward.length=gated", "reward.weight=0.5", "grpo.lr=2.0e-5"],
+}
 
 
 @dataclass(kw_only=True)
 class StudyConfig:
     sft_recipe: str = "recipes/sft-arithmetic.yaml"
-    align_recipe: str = "recipes/align-arithmetic.yaml"
-    seeds: int = 3
-    heldout: int = 400
-    ood: int = 200
+    align_recipe: str = "recipes/align-token-value-study.yaml"
+    seeds: int = 3  # confirmation seeds 0..seeds-1: each its own SFT model and RL runs
+    tuning_seed: int = 100  # SFT and RL seed of the tuning phase (never a confirmation seed)
+    candidates: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in CANDIDATES.items()})
+    validation: int = 200  # answerable validation problems (tuning only)
+    heldout: int = 400  # answerable test problems (1–3 operations)
+    ood: int = 200  # answerable OOD test problems (4 operations)
+    unanswerable: int = 100  # unanswerable problems added to each of validation, held-out and OOD
+    unanswerable_fraction: float = 0.05  # share of unanswerable problems among SFT and RL training problems
     budgets: list[int] = field(default_factory=lambda: [8, 12, 16, 24, 32, 48, 64, 96])
     bootstrap: int = 2000
-    shared_sft: bool = True  # one SFT model (seed 0) for every seed's RL arms: SFT is most of the CPU time
-    sft_from: str = ""  # reuse this SFT MODEL (e.g. a previous study's seed0/sft/model) instead of training one
+    key_suffix: str = ""  # appended to every output key, e.g. "_smollm2"
+    merge_into: str = ""  # also add the (suffixed) keys to this JSON file, e.g. docs/results/token-value.json
     sft: list[str] = field(default_factory=list)  # extra `section.key=value` overrides of the SFT recipe
-    align: list[str] = field(default_factory=list)  # ... and of the align recipe (both RL arms)
-    quick: list[str] = field(default_factory=lambda: ["sft.steps=200", "grpo.steps=10", "task.train_size=4000"])
+    align: list[str] = field(default_factory=list)  # ... and of the align recipe (every RL run)
+    quick: list[str] = field(default_factory=lambda: [
+        "sft.steps=60", "sft.batch_size=16", "task.train_size=2000", "grpo.steps=2", "grpo.prompts_per_step=4",
+        "grpo.num_generations=4", "grpo.max_completion_length=64", "task.max_new_tokens=64"])
+    quick_sizes: dict[str, int] = field(default_factory=lambda: {"validation": 32, "heldout": 32, "ood": 16,
+                                                                 "unanswerable": 8})
 
 
 def load_study(path: str | None, seeds: int | None) -> StudyConfig:
@@ -73,93 +102,226 @@ def load_study(path: str | None, seeds: int | None) -> StudyConfig:
         cfg.seeds = seeds
     if cfg.seeds < 1:
         raise ValueError(f"--seeds {cfg.seeds}: must be >= 1")
+    if cfg.tuning_seed < cfg.seeds:
+        raise ValueError(f"study.tuning_seed={cfg.tuning_seed}: must not be a confirmation seed (0..{cfg.seeds - 1})")
+    if not cfg.candidates:
+        raise ValueError("study.candidates is empty: pre-register at least one token-value config")
     return cfg
+
+
+@dataclass
+class Splits:
+    """Answerable and unanswerable problems of the validation, test (held-out) and OOD splits."""
+
+    validation: list
+    test: list
+    ood: list
+    validation_unanswerable: list
+    test_unanswerable: list
+    ood_unanswerable: list
+
+    @classmethod
+    def build(cls, validation: int, heldout: int, ood: int, unanswerable_n: int) -> Splits:
+        test, ood_items = heldout_and_ood(heldout, ood)
+        return cls(validation_split(validation, heldout), test, ood_items, unanswerable("validation", unanswerable_n),
+                   unanswerable("heldout", unanswerable_n), unanswerable("ood", unanswerable_n))
+
+
+class Scorer:
+    """Greedy decoding of a model on a split, with the protocol's guard: each arm is scored on `test` once."""
+
+    def __init__(self, splits: Splits, max_new: int, progress: bool) -> None:
+        self.splits, self.max_new, self.progress = splits, max_new, progress
+        self.scored: list[tuple[str, str]] = []
+
+    def score(self, arm: str, path: Path, split: str) -> dict[str, Any]:
+        if split not in ("validation", "test"):
+            raise ValueError(f"split {split!r}: choose validation or test")
+        if (arm, split) in self.scored and split == "test":
+            raise RuntimeError(f"{arm}: already scored on the test split (the protocol allows one scoring per arm)")
+        self.scored.append((arm, split))
+        model, tok = load_policy(load_recipe(None, [f"policy.path={path}"]).policy)
+        parts = ("validation", "validation_unanswerable") if split == "validation" else (
+            "test", "test_unanswerable", "ood", "ood_unanswerable")
+        run: dict[str, Any] = {"tok": tok}
+        for part in parts:
+            problems = getattr(self.splits, part)
+            run[part] = generate_greedy(model, tok, [messages(p.question, system=False) for p in problems],
+                                        [p.answer for p in problems], max_new_tokens=self.max_new,
+                                        progress=self.progress)
+            run[f"{part}_reference"] = [len(tok(p.concise())["input_ids"]) + 1 for p in problems]
+        return run
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cfg = load_study(args.config, args.seeds)
     progress = not args.no_progress
     extra = (cfg.quick if args.quick else []) + list(args.overrides)
-    used = ("sft.", "task.", "policy.", "grpo.", "reward.")
-    ignored = [pair for pair in args.overrides if not pair.startswith(used)]
+    ignored = [pair for pair in args.overrides if not pair.startswith(ROUTED)]
     if ignored:  # an override no arm reads would be silently dropped
         raise ConfigError(f"--set {ignored[0]!r}: token-value passes only sft.*, task.*, policy.* (SFT) and "
-                          "grpo.*, reward.*, task.* (both RL arms) to the recipes; study fields go in --config")
-    # validate both recipes with every override now, not after the SFT stage has trained for minutes
-    load_recipe(cfg.sft_recipe, cfg.sft + _only(extra, ("sft.", "task.", "policy.")), method="sft")
-    load_recipe(cfg.align_recipe, cfg.align + _only(extra, ("grpo.", "reward.", "task.")), method="grpo")
-    heldout_n, ood_n = (min(cfg.heldout, 100), min(cfg.ood, 60)) if args.quick else (cfg.heldout, cfg.ood)
-    heldout, ood = heldout_and_ood(heldout_n, ood_n)
+                          "grpo.*, reward.*, task.* (every RL run) to the recipes; study fields go in --config")
+    sizes = {"validation": cfg.validation, "heldout": cfg.heldout, "ood": cfg.ood, "unanswerable": cfg.unanswerable}
+    if args.quick:
+        sizes = {k: min(v, cfg.quick_sizes.get(k, v)) for k, v in sizes.items()}
+    task = [f"task.heldout_size={max(sizes['heldout'], sizes['unanswerable'])}",
+            f"task.validation_size={sizes['validation']}", f"task.unanswerable_fraction={cfg.unanswerable_fraction}"]
+    sft_over = cfg.sft + _only(extra, ("sft.", "task.", "policy.")) + task
+    rl_over = cfg.align + _only(extra, ("grpo.", "reward.", "task.")) + task
+    # validate every recipe with every override now, not after the SFT stage has trained for minutes
+    load_recipe(cfg.sft_recipe, sft_over, method="sft")
+    base = load_recipe(cfg.align_recipe, rl_over, method="grpo")
+    for overrides in cfg.candidates.values():
+        load_recipe(cfg.align_recipe, rl_over + overrides, method="grpo")
+    splits = Splits.build(sizes["validation"], sizes["heldout"], sizes["ood"], sizes["unanswerable"])
+    scorer = Scorer(splits, base.task.max_new_tokens, progress)
+    trials = Trials(out / "trials.jsonl")
+
+    # phase 1: tuning, scored on validation only
+    tuning_dir = out / "tuning"
+    sft_path = trials.sft(cfg.sft_recipe, sft_over, cfg.tuning_seed, tuning_dir / "sft", progress)
+    validation = {"sft": _arm_metrics([scorer.score("tuning/sft", sft_path, "validation")], "validation", [])}
+    validation["sft_forced_concise"] = _forced_concise(sft_path, splits.validation, base.task.max_new_tokens)
+    for name, overrides in cfg.candidates.items():
+        path = trials.rl(f"tuning/{name}", cfg.align_recipe, rl_over + overrides, sft_path, cfg.tuning_seed,
+                         tuning_dir / name, progress)
+        if path is not None:
+            validation[name] = _arm_metrics([scorer.score(f"tuning/{name}", path, "validation")], "validation", [])
+            trials.records[-1]["scored_on"] = "validation"
+    selected, reason = select(validation, list(cfg.candidates))
+
+    # phase 2: confirmation, each arm scored once on test
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
-    decoded: dict[Path, dict[str, Any]] = {}
-    for seed in range(cfg.seeds):
-        sft_seed = 0 if cfg.shared_sft else seed
-        sft_dir = Path(cfg.sft_from).parent if cfg.sft_from else out / f"seed{sft_seed}" / "sft"
-        if sft_seed == seed and not cfg.sft_from:
-            sft_recipe = load_recipe(cfg.sft_recipe, cfg.sft + _only(extra, ("sft.", "task.", "policy.")) +
-                                     [f"sft.seed={seed}", f"task.heldout_size={heldout_n}"], method="sft")
-            run_sft(sft_recipe, sft_dir, progress=progress, evaluate=False)
-        policies = {"sft": sft_dir / "model"}
+    for seed in range(cfg.seeds if selected else 0):
+        sft_path = trials.sft(cfg.sft_recipe, sft_over, seed, out / f"seed{seed}" / "sft", progress)
+        scored = {"sft": scorer.score(f"seed{seed}/sft", sft_path, "test")}
         for arm, length in (("rl_correct", ["reward.length=none"]), ("rl_tv", [])):
-            recipe = load_recipe(cfg.align_recipe, cfg.align + _only(extra, ("grpo.", "reward.", "task.")) + length +
-                                 [f"policy.path={sft_dir / 'model'}", f"grpo.seed={seed}",
-                                  f"task.heldout_size={heldout_n}"], method="grpo")
-            run_grpo(recipe, out / f"seed{seed}" / arm, progress=progress, evaluate=False)
-            policies[arm] = out / f"seed{seed}" / arm / "model"
-        max_new = recipe.task.max_new_tokens
-        for arm, path in policies.items():
-            if path not in decoded:  # greedy decoding is deterministic: a shared SFT model is decoded once
-                model, tok = load_policy(load_recipe(None, [f"policy.path={path}"]).policy)
-                decoded[path] = {"heldout": _decode(model, tok, heldout, max_new, progress),
-                                 "ood": _decode(model, tok, ood, max_new, progress), "tok": tok,
-                                 "reference": [len(tok(p.concise())["input_ids"]) + 1 for p in heldout],
-                                 "reference_ood": [len(tok(p.concise())["input_ids"]) + 1 for p in ood]}
-            runs[arm].append(decoded[path])
-        if "sft_concise" not in decoded:  # diagnostic: the SFT model made to start its answer the concise way
-            model, tok = load_policy(load_recipe(None, [f"policy.path={policies['sft']}"]).policy)
-            outs = generate_greedy(model, tok, [messages(p.question, system=False) for p in heldout],
-                                   [p.answer for p in heldout], max_new_tokens=max_new,
-                                   forced=[str(p.steps[0][0])[0] for p in heldout])
-            decoded["sft_concise"] = {"accuracy": sum(o.correct(tok) for o in outs) / len(outs),
-                                      "mean_tokens": float(np.mean([len(o.tokens) for o in outs]))}
-        tv_mean = np.mean([len(o.tokens) for o in runs["rl_tv"][-1]["heldout"]])
-        runs["truncation"].append({**runs["sft"][-1], "budget": max(1, round(float(tv_mean)))})
-    return _report(cfg, runs, out, decoded["sft_concise"])
+            path = trials.rl(f"seed{seed}/{arm}", cfg.align_recipe, rl_over + cfg.candidates[selected] + length,
+                             sft_path, seed, out / f"seed{seed}" / arm, progress)
+            if path is not None:
+                scored[arm] = scorer.score(f"seed{seed}/{arm}", path, "test")
+                trials.records[-1]["scored_on"] = "test"
+        if len(scored) == 3:  # a seed enters the headline only with all three arms (a failed one is in `trials`)
+            for arm in ("sft", "rl_correct", "rl_tv"):
+                runs[arm].append(scored[arm])
+            tv_mean = np.mean([len(o.tokens) for o in scored["rl_tv"]["test"]])
+            runs["truncation"].append({**scored["sft"], "budget": max(1, round(float(tv_mean)))})
+    trials.write()
+    return _report(cfg, runs, out, validation, selected, reason, trials.records, args.quick)
 
 
-def _decode(model: Any, tok: Any, problems: list, max_new: int, progress: bool) -> list[Output]:
-    return generate_greedy(model, tok, [messages(p.question, system=False) for p in problems],
-                           [p.answer for p in problems], max_new_tokens=max_new, progress=progress)
+class Trials:
+    """The ordered log of every SFT and RL run (phase, arm, seed, overrides, status, error, seconds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.records = path, []
+
+    def sft(self, recipe: str, overrides: list[str], seed: int, out: Path, progress: bool) -> Path:
+        start = time.perf_counter()
+        run_sft(load_recipe(recipe, overrides + [f"sft.seed={seed}"], method="sft"), out, progress=progress,
+                evaluate=False)  # an SFT failure ends the study: every arm depends on it
+        self._add(str(out.relative_to(out.parents[1])), "sft", seed, None, overrides, "ok", "", start)
+        return out / "model"
+
+    def rl(self, arm: str, recipe: str, overrides: list[str], sft: Path, seed: int, out: Path,
+           progress: bool) -> Path | None:
+        """Run one GRPO arm; a failure is recorded (with its error) and returns None instead of stopping the study."""
+        start = time.perf_counter()
+        full = overrides + [f"policy.path={sft}", f"grpo.seed={seed}"]
+        try:
+            run_grpo(load_recipe(recipe, full, method="grpo"), out, progress=progress, evaluate=False)
+        except Exception as exc:  # noqa: BLE001 - a failed arm is a result: it goes in the JSON
+            self._add(arm, "rl", seed, str(sft), overrides, "failed", f"{type(exc).__name__}: {exc}", start)
+            (out / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text(traceback.format_exc())
+            return None
+        self._add(arm, "rl", seed, str(sft), overrides, "ok", "", start)
+        return out / "model"
+
+    def _add(self, arm: str, kind: str, seed: int, sft: str | None, overrides: list[str], status: str, error: str,
+             start: float) -> None:
+        self.records.append({"order": len(self.records) + 1, "arm": arm, "kind": kind, "seed": seed, "from_sft": sft,
+                             "overrides": list(overrides), "status": status, "error": error,
+                             "wall_s": round(time.perf_counter() - start, 1), "scored_on": None})
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+
+def select(validation: dict[str, dict[str, Any]], order: list[str]) -> tuple[str | None, str]:
+    """The pre-registered selection rule (module docstring) on validation metrics; (None, why) when every candidate
+    failed."""
+    sft = validation["sft"]
+    ok = [name for name in order if name in validation]
+    if not ok:
+        return None, "every candidate failed; nothing to confirm"
+
+    def delta(name: str) -> float:
+        return 100 * (validation[name]["accuracy"] - sft["accuracy"])
+
+    def reduction(name: str) -> float:
+        return 1 - validation[name]["mean_tokens"] / sft["mean_tokens"]
+
+    eligible = [n for n in ok if delta(n) >= -1 and validation[n]["invented_rate"] <= sft["invented_rate"]]
+    if eligible:
+        best = max(eligible, key=reduction)  # max keeps the first listed on ties
+        return best, f"largest validation token reduction ({reduction(best):.3f}) among {eligible}"
+    best = max(ok, key=lambda n: (delta(n), reduction(n)))
+    return best, f"no candidate kept validation accuracy within 1 point; highest accuracy_delta ({delta(best):+.1f})"
+
+
+def _forced_concise(path: Path, problems: list, max_new: int) -> dict[str, float]:
+    """Diagnostic: the SFT model made to start its answer the concise way (the first digit of the start number)."""
+    model, tok = load_policy(load_recipe(None, [f"policy.path={path}"]).policy)
+    outs = generate_greedy(model, tok, [messages(p.question, system=False) for p in problems],
+                           [p.answer for p in problems], max_new_tokens=max_new,
+                           forced=[str(p.steps[0][0])[0] for p in problems])
+    return {"accuracy": sum(o.correct(tok) for o in outs) / len(outs),
+            "mean_tokens": float(np.mean([len(o.tokens) for o in outs]))}
 
 
 def _only(overrides: list[str], prefixes: tuple[str, ...]) -> list[str]:
     return [o for o in overrides if o.startswith(prefixes)]
 
 
-def _item_arrays(run: dict[str, Any], split: str = "heldout") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _item_arrays(run: dict[str, Any], split: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per item: correct (0/1), output tokens and the short-but-wrong flag; truncation runs apply their budget."""
     tok, budget = run["tok"], run.get("budget")
     outputs: list[Output] = run[split]
     correct = np.array([o.correct(tok, budget) for o in outputs], dtype=float)
     tokens = np.array([min(len(o.tokens), budget) if budget else len(o.tokens) for o in outputs], dtype=float)
-    ref = np.array(run["reference" if split == "heldout" else "reference_ood"], dtype=float)
+    ref = np.array(run[f"{split}_reference"], dtype=float)
     return correct, tokens, (tokens <= ref) & (correct == 0)
 
 
-def _arm_metrics(runs: list[dict[str, Any]], budgets: list[int]) -> dict[str, Any]:
-    c, n, sw = (np.concatenate(x) for x in zip(*(_item_arrays(r) for r in runs), strict=True))
-    oc, on, osw = (np.concatenate(x) for x in zip(*(_item_arrays(r, "ood") for r in runs), strict=True))
-    per_seed_acc = [float(_item_arrays(r)[0].mean()) for r in runs]
-    curve = {}
-    if "budget" not in runs[0]:
-        per = [budget_curve(r["heldout"], r["tok"], budgets) for r in runs]
-        curve = {str(k): float(np.mean([p[k] for p in per])) for k in budgets}
-    return {"accuracy": float(c.mean()), "accuracy_per_seed": per_seed_acc, "mean_tokens": float(n.mean()),
-            "mean_tokens_correct": float(n[c == 1].mean()) if c.any() else math.nan,
-            "token_value_per_1k": float(1000 * c.sum() / n.sum()), "short_wrong_rate": float(sw.mean()),
-            "ood_accuracy": float(oc.mean()), "ood_mean_tokens": float(on.mean()),
-            "ood_short_wrong_rate": float(osw.mean()), "budget_curve": curve,
-            **({"budget": [r["budget"] for r in runs]} if "budget" in runs[0] else {})}
+def _arm_metrics(runs: list[dict[str, Any]], split: str, budgets: list[int]) -> dict[str, Any]:
+    """One arm over its seeds on `split` (validation or test; test also reports OOD)."""
+    c, n, sw = (np.concatenate(x) for x in zip(*(_item_arrays(r, split) for r in runs), strict=True))
+    budget = runs[0].get("budget")
+    audit = [audit_unanswerable(r[f"{split}_unanswerable"], r["tok"], r.get("budget")) for r in runs]
+    m: dict[str, Any] = {
+        "accuracy": float(c.mean()), "accuracy_per_seed": [float(_item_arrays(r, split)[0].mean()) for r in runs],
+        "mean_tokens": float(n.mean()), "mean_tokens_correct": float(n[c == 1].mean()) if c.any() else math.nan,
+        "token_value_per_1k": float(1000 * c.sum() / n.sum()), "short_wrong_rate": float(sw.mean()),
+        "invented_rate": float(np.mean([a["invented_rate"] for a in audit])),
+        "honest_rate": float(np.mean([a["honest_rate"] for a in audit])),
+        "abstain_on_answerable_rate": float(np.mean([o.abstained(r["tok"], budget) for r in runs for o in r[split]])),
+    }
+    if split == "test":
+        oc, on, osw = (np.concatenate(x) for x in zip(*(_item_arrays(r, "ood") for r in runs), strict=True))
+        m |= {"ood_accuracy": float(oc.mean()), "ood_mean_tokens": float(on.mean()),
+              "ood_short_wrong_rate": float(osw.mean()),
+              "ood_invented_rate": float(np.mean([audit_unanswerable(r["ood_unanswerable"], r["tok"],
+                                                                     r.get("budget"))["invented_rate"]
+                                                  for r in runs]))}
+    if budgets and not budget:
+        per = [budget_curve(r[split], r["tok"], budgets) for r in runs]
+        m["budget_curve"] = {str(k): float(np.mean([p[k] for p in per])) for k in budgets}
+    if budget:
+        m["budget"] = [r["budget"] for r in runs]
+    return m
 
 
 def _bootstrap(rl: list[dict[str, Any]], sft: list[dict[str, Any]], draws: int) -> dict[str, list[float]]:
@@ -181,9 +343,8 @@ def _bootstrap(rl: list[dict[str, Any]], sft: list[dict[str, Any]], draws: int) 
 
 
 def _seed_intervals(rl: list[dict[str, Any]], sft: list[dict[str, Any]]) -> dict[str, list[float | None]]:
-    """Student-t 95% intervals of token_reduction and accuracy_delta over seeds (one paired value per seed). The item
-    bootstrap above holds each seed's RL run fixed, so it misses how much the RL outcome itself varies between seeds;
-    this interval does not (and is wide with 3 seeds). None with a single seed."""
+    """Student-t 95% intervals of token_reduction and accuracy_delta over seeds (one paired value per seed: each
+    seed has its own SFT model and its own RL runs, so this covers both). None with a single seed."""
     pairs = [(_item_arrays(a), _item_arrays(b)) for a, b in zip(rl, sft, strict=True)]
     red = [1 - n1.mean() / n0.mean() for (_, n1, _), (_, n0, _) in pairs]
     delta = [100 * (c1.mean() - c0.mean()) for (c1, _, _), (c0, _, _) in pairs]
@@ -194,39 +355,67 @@ def _seed_intervals(rl: list[dict[str, Any]], sft: list[dict[str, Any]]) -> dict
     return out
 
 
-def _report(cfg: StudyConfig, runs: dict[str, list[dict[str, Any]]], out: Path,
-            concise: dict[str, float]) -> dict[str, Any]:
-    arms = {arm: _arm_metrics(runs[arm], cfg.budgets) for arm in ARMS}
-    sft, tv = arms["sft"], arms["rl_tv"]
-    ci = _bootstrap(runs["rl_tv"], runs["sft"], cfg.bootstrap)
-    ci_correct = _bootstrap(runs["rl_correct"], runs["sft"], cfg.bootstrap)
-    seed_ci = _seed_intervals(runs["rl_tv"], runs["sft"])
-    result: dict[str, Any] = {
-        "token_reduction": 1 - tv["mean_tokens"] / sft["mean_tokens"], "token_reduction_ci95": ci["token_reduction"],
-        "accuracy_delta": 100 * (tv["accuracy"] - sft["accuracy"]), "accuracy_delta_ci95": ci["accuracy_delta"],
-        "token_reduction_ci95_seeds": seed_ci["token_reduction"],
-        "accuracy_delta_ci95_seeds": seed_ci["accuracy_delta"],
-        "goal_met": bool(1 - tv["mean_tokens"] / sft["mean_tokens"] >= 0.5
-                         and 100 * (tv["accuracy"] - sft["accuracy"]) >= -1),
-        "rl_correct_token_reduction": 1 - arms["rl_correct"]["mean_tokens"] / sft["mean_tokens"],
-        "rl_correct_token_reduction_ci95": ci_correct["token_reduction"],
-        "rl_correct_accuracy_delta": 100 * (arms["rl_correct"]["accuracy"] - sft["accuracy"]),
-        "rl_correct_accuracy_delta_ci95": ci_correct["accuracy_delta"],
-        "sft_forced_concise_accuracy": concise["accuracy"], "sft_forced_concise_mean_tokens": concise["mean_tokens"],
-        "seeds": cfg.seeds, "shared_sft": cfg.shared_sft, "heldout_items": len(runs["sft"][0]["heldout"]),
-        "ood_items": len(runs["sft"][0]["ood"]),
+def _report(cfg: StudyConfig, runs: dict[str, list[dict[str, Any]]], out: Path, validation: dict[str, Any],
+            selected: str | None, reason: str, trials: list[dict[str, Any]], quick: bool) -> dict[str, Any]:
+    complete = bool(runs["sft"])
+    arms = {arm: _arm_metrics(runs[arm], "test", cfg.budgets) for arm in ARMS} if complete else {}
+    result: dict[str, Any] = {"token_reduction": None, "accuracy_delta": None, "goal_met": False}
+    if complete:
+        sft, tv, rc = arms["sft"], arms["rl_tv"], arms["rl_correct"]
+        ci, ci_correct = _bootstrap(runs["rl_tv"], runs["sft"], cfg.bootstrap), _bootstrap(runs["rl_correct"],
+                                                                                          runs["sft"], cfg.bootstrap)
+        seed_ci = _seed_intervals(runs["rl_tv"], runs["sft"])
+        reduction, delta = 1 - tv["mean_tokens"] / sft["mean_tokens"], 100 * (tv["accuracy"] - sft["accuracy"])
+        low = seed_ci["accuracy_delta"][0]
+        goals = {"goal_tokens_met": bool(reduction >= 0.5),
+                 "goal_accuracy_met": bool((low if low is not None else delta) >= -1),
+                 "goal_ood_met": bool(tv["ood_accuracy"] >= sft["ood_accuracy"]),
+                 "goal_invented_met": bool(tv["invented_rate"] <= sft["invented_rate"]
+                                           and tv["ood_invented_rate"] <= sft["ood_invented_rate"])}
+        result = {
+            "token_reduction": reduction, "token_reduction_ci95": ci["token_reduction"],
+            "token_reduction_ci95_seeds": seed_ci["token_reduction"],
+            "accuracy_delta": delta, "accuracy_delta_ci95": ci["accuracy_delta"],
+            "accuracy_delta_ci95_seeds": seed_ci["accuracy_delta"],
+            "goal_met": all(goals.values()), **goals,
+            "ood_accuracy_delta": 100 * (tv["ood_accuracy"] - sft["ood_accuracy"]),
+            "rl_correct_token_reduction": 1 - rc["mean_tokens"] / sft["mean_tokens"],
+            "rl_correct_token_reduction_ci95": ci_correct["token_reduction"],
+            "rl_correct_accuracy_delta": 100 * (rc["accuracy"] - sft["accuracy"]),
+            "rl_correct_accuracy_delta_ci95": ci_correct["accuracy_delta"],
+        }
+        for arm, m in arms.items():
+            for key in ("accuracy", "mean_tokens", "mean_tokens_correct", "token_value_per_1k", "short_wrong_rate",
+                        "ood_accuracy", "ood_short_wrong_rate", "invented_rate", "ood_invented_rate", "honest_rate"):
+                result[f"{arm}_{key}"] = m[key]
+    result |= {
+        "selected": selected, "selection_reason": reason, "seeds": len(runs["sft"]), "seeds_planned": cfg.seeds,
+        "tuning_seed": cfg.tuning_seed, "separate_sft_per_seed": True,
+        "sft_forced_concise_accuracy_validation": validation["sft_forced_concise"]["accuracy"],
+        "sft_forced_concise_mean_tokens_validation": validation["sft_forced_concise"]["mean_tokens"],
+        "validation": {k: _headline(v) for k, v in validation.items() if k != "sft_forced_concise"},
+        "candidates": {name: {"overrides": o, "status": "ok" if name in validation else "failed"}
+                       for name, o in cfg.candidates.items()},
+        "trials": trials, "test_items": len(runs["sft"][0]["test"]) if complete else 0,
+        "ood_items": len(runs["sft"][0]["ood"]) if complete else 0,
+        "unanswerable_items": len(runs["sft"][0]["test_unanswerable"]) if complete else 0,
     }
-    for arm, m in arms.items():
-        for key in ("accuracy", "mean_tokens", "mean_tokens_correct", "token_value_per_1k", "short_wrong_rate",
-                    "ood_accuracy", "ood_short_wrong_rate"):
-            result[f"{arm}_{key}"] = m[key]
-    result = _finite(result)  # NaN (an arm with no correct answer) is written as null: strict JSON
-    (out / "detail.json").write_text(json.dumps(_finite({"config": vars(cfg), "arms": arms, **result}), indent=2) +
-                                     "\n")
-    _plot_budget(arms, out / "token-value-budget.png")
-    _plot_training(out, cfg.seeds, out / "token-value-training.png")
-    (out / "token-value.md").write_text(_markdown(arms, result))
+    result = _finite({f"{k}{cfg.key_suffix}": v for k, v in result.items()})  # NaN → null: strict JSON
+    (out / "detail.json").write_text(json.dumps(_finite({"config": asdict(cfg), "arms": arms, **result}), indent=2)
+                                     + "\n")
+    if complete:
+        _plot_budget(arms, out / "token-value-budget.png")
+        _plot_training(out, cfg.seeds, out / "token-value-training.png")
+    (out / "token-value.md").write_text(_markdown(arms, validation, result, cfg.key_suffix))
+    if cfg.merge_into and not quick:
+        path = Path(cfg.merge_into)
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**merged, **result}, indent=2) + "\n")
     return result
+
+
+def _headline(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in ("accuracy", "mean_tokens", "short_wrong_rate", "invented_rate", "honest_rate")}
 
 
 def _finite(value: Any) -> Any:
@@ -243,25 +432,36 @@ def _interval(ci: list[float | None], spec: str) -> str:
     return "– (one seed)" if ci[0] is None else f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
 
 
-def _markdown(arms: dict[str, Any], r: dict[str, Any]) -> str:
-    rows = []
-    for arm, m in arms.items():
-        rows.append(f"| {LABELS[arm]} | {100 * m['accuracy']:.1f} | {m['mean_tokens']:.1f} | "
-                    f"{m['mean_tokens_correct']:.1f} | {m['token_value_per_1k']:.1f} | {100 * m['ood_accuracy']:.1f} | "
-                    f"{100 * m['short_wrong_rate']:.1f} | {100 * m['ood_short_wrong_rate']:.1f} |")
-    lo, hi = r["token_reduction_ci95"]
-    dlo, dhi = r["accuracy_delta_ci95"]
-    return ("# token-value study\n\n"
-            f"{r['seeds']} seeds x {r['heldout_items']} held-out items (greedy), {r['ood_items']} OOD items.\n\n"
-            "| arm | accuracy % | tokens | tokens (correct) | Token Value /1k | OOD acc % | short-wrong % | "
-            "OOD short-wrong % |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
-            f"\n\ntoken_reduction = {r['token_reduction']:.3f} [{lo:.3f}, {hi:.3f}]; accuracy_delta = "
-            f"{r['accuracy_delta']:+.2f} points [{dlo:+.2f}, {dhi:+.2f}]; goal met: {r['goal_met']}\n\n"
-            f"Intervals above: item bootstrap (each seed's RL run fixed). Over seeds (t, 95%): token_reduction "
-            f"{_interval(r['token_reduction_ci95_seeds'], '.3f')}, accuracy_delta "
-            f"{_interval(r['accuracy_delta_ci95_seeds'], '+.2f')} points.\n\n"
-            f"Diagnostic: the SFT model forced to start the concise way: accuracy "
-            f"{100 * r['sft_forced_concise_accuracy']:.1f}% at {r['sft_forced_concise_mean_tokens']:.1f} tokens.\n")
+def _markdown(arms: dict[str, Any], validation: dict[str, Any], r: dict[str, Any], sfx: str) -> str:
+    def g(key: str) -> Any:
+        return r[f"{key}{sfx}"]
+
+    tuning = "\n".join(f"| {name} | {100 * m['accuracy']:.1f} | {m['mean_tokens']:.1f} | "
+                       f"{100 * m['invented_rate']:.1f} |" for name, m in validation.items()
+                       if name != "sft_forced_concise")
+    failed = [t for t in g("trials") if t["status"] == "failed"]
+    text = ("# token-value study\n\n## Tuning (validation split only)\n\n"
+            "| candidate | accuracy % | tokens | invented % (unanswerable) |\n|---|---|---|---|\n" + tuning +
+            f"\n\nSelected: **{g('selected')}** — {g('selection_reason')}.\n")
+    if failed:
+        text += "\nFailed runs: " + "; ".join(f"{t['arm']} ({t['error']})" for t in failed) + "\n"
+    if not arms:
+        return text + "\nNo confirmation seed completed: no headline.\n"
+    rows = [f"| {LABELS[arm]} | {100 * m['accuracy']:.1f} | {m['mean_tokens']:.1f} | {m['mean_tokens_correct']:.1f} | "
+            f"{m['token_value_per_1k']:.1f} | {100 * m['ood_accuracy']:.1f} | {100 * m['short_wrong_rate']:.1f} | "
+            f"{100 * m['invented_rate']:.1f} | {100 * m['ood_invented_rate']:.1f} |" for arm, m in arms.items()]
+    return text + (
+        f"\n## Test split (each arm scored once; {g('seeds')} seeds, a separate SFT model per seed)\n\n"
+        f"{g('test_items')} held-out + {g('ood_items')} OOD items, {g('unanswerable_items')} unanswerable per "
+        "split.\n\n"
+        "| arm | accuracy % | tokens | tokens (correct) | Token Value /1k | OOD acc % | short-wrong % | "
+        "invented % | OOD invented % |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
+        f"\n\ntoken_reduction = {g('token_reduction'):.3f}, seeds "
+        f"{_interval(g('token_reduction_ci95_seeds'), '.3f')}; accuracy_delta = {g('accuracy_delta'):+.2f} points, "
+        f"seeds {_interval(g('accuracy_delta_ci95_seeds'), '+.2f')} (item bootstrap "
+        f"{_interval(g('accuracy_delta_ci95'), '+.2f')}); OOD accuracy_delta {g('ood_accuracy_delta'):+.2f} points.\n\n"
+        f"Goals: tokens {g('goal_tokens_met')}, accuracy {g('goal_accuracy_met')}, OOD {g('goal_ood_met')}, "
+        f"invented answers {g('goal_invented_met')}; all: **{g('goal_met')}**.\n")
 
 
 def _plot_budget(arms: dict[str, Any], path: Path) -> None:
@@ -279,7 +479,7 @@ def _plot_budget(arms: dict[str, Any], path: Path) -> None:
     ax.scatter([t["mean_tokens"]], [100 * t["accuracy"]], marker="s", s=50, color="red",
                label="SFT truncated at RL-TV's mean length", zorder=5)
     ax.set_xlabel("token budget (max_new_tokens); x = mean tokens used")
-    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs output-token budget (greedy, mean of seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -1,6 +1,7 @@
 """The training loop's torch.distributed plumbing: one process, DDP or FSDP2 under torchrun, CPU (gloo) or CUDA (nccl).
 
-Why it looks like this (design notes: training.md §4, docs/training.md "Distributed"):
+Why it looks like this (docs/training.md, 'Distributed: torchrun, DDP and FSDP2'; docs/design-notes.md,
+'Distributed pitfalls'):
 - torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `setup` initialises the process group from them. Without torchrun a
   recipe that asks for ddp or fsdp2 simply trains in one process, so the same recipe runs everywhere.
 - `train.batch_size` is the *global* micro-batch. Rank r trains rows [r·B/W, (r+1)·B/W) of exactly the batch one
@@ -9,10 +10,10 @@ Why it looks like this (design notes: training.md §4, docs/training.md "Distrib
 - DDP with `forward_sync_buffers=False`: the only buffers that change are the MoE routing biases, which
   `model.update_routing()` updates identically on every rank from all-reduced routing counts. Broadcasting rank 0's
   copy each forward would hide a drift; tests/test_distributed.py checks instead that the ranks agree.
-- FSDP2: `fully_shard` every block, then the root, on an explicit 1-D device mesh (pitfall 1 of §4: without it a gloo
+- FSDP2: `fully_shard` every block, then the root, on an explicit 1-D device mesh (without it a gloo
   group on a GPU machine moves parameters to CUDA). The MoE experts are fused 3-D parameters: every rank that routes
   any token gets a gradient for the whole tensor (zeros for the experts it did not use), so reduce-scatter sums the
-  same tensors on every rank however routing diverges (pitfall 5: per-expert modules give silently wrong gradients).
+  same tensors on every rank however routing diverges (per-expert modules give silently wrong gradients on gloo).
 - Checkpoints stay in the single-process format: full (unsharded) model and optimizer state dicts from
   `torch.distributed.checkpoint.state_dict`, written by rank 0 alone. Optimizer states are keyed by parameter name,
   not position, so a checkpoint written by W processes loads into any other number of processes.
@@ -99,7 +100,7 @@ def shutdown() -> None:
 
 def wrap(model: DensaModel, ctx: Dist) -> nn.Module:
     """The module to call for training forwards. DDP wraps `model`; FSDP2 shards `model` in place and returns it
-    (always call the root: pitfall 3, a child called directly skips the root's all-gather). Build the optimizers
+    (always call the root: a child called directly skips the root's all-gather). Build the optimizers
     after this, over `model.parameters()` (FSDP2 replaces them with DTensors)."""
     model.to(ctx.device)
     if ctx.mode == "ddp":

@@ -1,4 +1,5 @@
-"""Selective language modelling (Rho-1, Lin et al. 2024, arXiv 2404.07965; training.md §1.1).
+"""Selective language modelling (Rho-1, Lin et al. 2024, arXiv 2404.07965; docs/high-value-tokens.md,
+'Selective language modelling').
 
 The loss is the mean cross-entropy over the tokens of the micro-batch with the highest *excess loss*
 

@@ -4,27 +4,44 @@ position, step, counters), plus a copy of the tokenizer the data was prepared wi
 
 Crash safety: a checkpoint is written into a temporary sibling folder, fsynced, and renamed into place; only then is
 `checkpoints/latest` (a one-line file naming the folder) replaced, and only then are old checkpoints beyond
-`keep_last` removed. A crash at any point leaves the previous checkpoint and pointer intact; stray temporary
-folders (names starting with ".") are ignored and cleaned up by the next save.
+`keep_last` removed. A crash at any point leaves the previous checkpoint and pointer intact. The temporary folders
+an interrupted save leaves (`.step-N.*`, and `..step-N.*` from the weights writer inside it) are removed by the next
+save and on resume.
+
+Damage after the fact (a truncated `model.safetensors` or `train_state.pt`: a full disk, a copy cut short) is found
+by loading: `load_newest_intact` tries `latest`, then the other checkpoints newest first, and resumes from the first
+that loads, naming the damaged ones in a warning.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
-from densa.checkpoint import is_checkpoint, save_checkpoint
+from densa.checkpoint import WEIGHTS_FILE, is_checkpoint, save_checkpoint
 from densa.model.model import DensaModel
 
 STATE_FILE = "train_state.pt"
 LATEST = "latest"
+# what an interrupted save leaves: mkdtemp's `.step-N.XXXX` (and `.step-N.old.XXXX`), and save_checkpoint's own
+# `..step-N.XXXX.YYYY` beside it. Nothing else in checkpoints/ is ever removed as a temporary.
+TEMPORARY = re.compile(r"\.{1,2}step-\d+\..+")
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's files exist but do not load (truncated or corrupt)."""
 
 
 def rng_state() -> dict:
@@ -53,8 +70,7 @@ def save_training_checkpoint(checkpoints: Path, step: int, model: DensaModel, st
     """Write `step-{step}` atomically (with the tokenizer files of `tokenizer_dir`, if given, so the MODEL resolver
     returns the tokenizer too), point `latest` at it, prune to the newest `keep_last`."""
     checkpoints.mkdir(parents=True, exist_ok=True)
-    for stray in checkpoints.glob(".step-*"):
-        shutil.rmtree(stray, ignore_errors=True)
+    remove_stale_temporaries(checkpoints)
     final = checkpoints / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=checkpoints))
     try:
@@ -83,6 +99,17 @@ def save_training_checkpoint(checkpoints: Path, step: int, model: DensaModel, st
     return final
 
 
+def remove_stale_temporaries(checkpoints: Path) -> list[Path]:
+    """Delete the temporary folders interrupted saves left in `checkpoints` (names matching TEMPORARY); return them.
+    Call only while no save is running (rank 0, before or between saves)."""
+    if not checkpoints.is_dir():
+        return []
+    stale = [p for p in sorted(checkpoints.iterdir()) if p.is_dir() and TEMPORARY.fullmatch(p.name)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def list_checkpoints(checkpoints: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     found = [p for p in checkpoints.glob("step-*") if p.name[5:].isdigit() and is_complete(p)]
@@ -105,10 +132,43 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def load_training_checkpoint(path: Path, model: DensaModel) -> dict:
-    """Load the weights of `path` into `model` and return its training state."""
-    missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False)
+    """Load the weights of `path` into `model` and return its training state. Raises DamagedCheckpoint when a file
+    does not load, ValueError when the weights are not the model's."""
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    except (SafetensorError, OSError) as exc:
+        raise DamagedCheckpoint(f"{path / WEIGHTS_FILE}: {exc}") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the recipe's model (missing {missing}, unexpected "
                          f"{unexpected}); resume with the recipe the run was started with")
-    return torch.load(path / STATE_FILE, weights_only=False)
+    try:
+        return torch.load(path / STATE_FILE, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:  # truncated zip, empty file, garbage
+        raise DamagedCheckpoint(f"{path / STATE_FILE}: {' '.join(str(exc).split()[:12])}") from None
+
+
+def resume_candidates(checkpoints: Path) -> list[Path]:
+    """The checkpoint `latest` names (when complete), then every other complete one, newest first."""
+    found = list_checkpoints(checkpoints)[::-1] if checkpoints.is_dir() else []
+    first = latest_checkpoint(checkpoints)
+    return [first, *(p for p in found if p != first)] if first is not None else found
+
+
+def load_newest_intact(checkpoints: Path, load: Callable[[Path], dict], warn: bool = True) -> tuple[Path, dict]:
+    """Resume point: `load(path)` (which returns the training state, e.g. load_training_checkpoint into the model)
+    on each of `resume_candidates` until one does not raise DamagedCheckpoint; return that path and its state.
+    Damaged checkpoints are left in place (a later save of the same step replaces them) and named in a warning."""
+    damaged: list[str] = []
+    for path in resume_candidates(checkpoints):
+        try:
+            state = load(path)
+        except DamagedCheckpoint as exc:
+            damaged.append(str(exc))
+            continue
+        if damaged and warn:
+            warnings.warn(f"resuming from {path} (step {state['step']}); skipped damaged checkpoint(s): "
+                          f"{'; '.join(damaged)}", stacklevel=2)
+        return path, state
+    detail = f": {'; '.join(damaged)}" if damaged else ""
+    raise FileNotFoundError(f"--resume: {checkpoints} holds no intact checkpoint to resume from{detail}")
