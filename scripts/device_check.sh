@@ -58,6 +58,10 @@ with torch.no_grad():
 tol = 2e-2 if half == torch.bfloat16 else 1e-5
 torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)
 print(f"ok  grouped MoE == reference ({half}, grouped_mm used: {layer.experts.uses_grouped_mm(x)})")
+layer.experts.impl = "gathered"  # the small-batch path (auto on CUDA for T·K <= E)
+with torch.no_grad():
+    torch.testing.assert_close(layer.experts(x[:2], r.ids_TK[:2], r.weights_TK[:2]), ref[:2], rtol=tol, atol=tol)
+print("ok  gathered MoE == reference (2 tokens)")
 
 # 3. cached == uncached in bf16
 model = DensaModel(from_preset("tiny-moe")).to(device, torch.bfloat16).eval()

@@ -146,3 +146,17 @@ def test_bench_cli_rejects_modes_and_model_where_not_taken(capsys) -> None:
         main(["bench", "decode", "--modes", "fast"])
     with pytest.raises(SystemExit, match="only `densa bench decode`"):
         main(["bench", "moe", "--model", "smollm2-135m"])
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_hf_decoder_static_and_dynamic_cache_match_the_full_forward(mode, monkeypatch) -> None:
+    monkeypatch.setattr(modes.torch, "compile", lambda model: model)  # the StaticCache path, without compiling
+    model = decode.build_model("hf", from_preset("tiny"), max_len=32)
+    ids_BT = torch.randint(0, 256, (2, 12))
+    dec = modes.decoder("hf", model, mode, max_len=16)
+    with torch.no_grad():
+        first = dec.prefill(ids_BT[:, :10])
+        second = dec.step(ids_BT[:, 10:11])
+        full = model(input_ids=ids_BT[:, :11]).logits
+    torch.testing.assert_close(first, full[:, 9], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, full[:, 10], rtol=1e-4, atol=1e-4)

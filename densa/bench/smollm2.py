@@ -111,7 +111,7 @@ def _hf_model(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
-                                                torch_dtype=torch.float32).eval()
+                                                dtype=torch.float32).eval()
 
 
 def bf16_bpb_change(model: str, chars: int) -> dict[str, float]:

@@ -10,10 +10,10 @@ dynamic), and an MoE FFN's data-dependent dispatch (graph breaks, not recompilat
 
 Modes: "off" is eager; "on" compiles the decode step (inductor; on CUDA `reduce-overhead`, i.e. CUDA graphs);
 "auto" is "on" where it measurably wins and "off" elsewhere: on CUDA on, on CPU off — there a compile costs tens of
-seconds to minutes on 2 busy cores (docs/architecture.md, "Decoding", has the figures), so it pays only for long
-serving runs, which opt in with `--compile on`. Prefill stays eager: prompt lengths vary, and a prefill is one
-call per request with large ops, where dispatch overhead matters least; it computes only the logits it needs
-(`logits_to_keep`).
+seconds to minutes on 2 busy cores (docs/architecture.md, "The decoding step and the compile switch", has the
+figures), so it pays only for long serving runs, which opt in with `--compile on`. Prefill stays eager: prompt
+lengths vary, and a prefill is one call per request with large ops, where dispatch overhead matters least; it
+computes only the logits it needs (`logits_to_keep`).
 
 The plain references stay beside the fast path and tests/test_compile.py checks they agree: `forward` (validated,
 any shape) against `decode_step` eager and compiled.

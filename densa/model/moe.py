@@ -8,11 +8,12 @@ Design choices (docs/moe.md, 'Design'):
   (`torch._grouped_mm`, or a `split` + `unbind` loop where it is unavailable or misaligned), scale by the gate
   weight, and combine with `index_add`. Work, and so time, follows the routed pairs: skipped slots cost nothing.
   `moe_reference` beside it is the plain per-token loop the fast path is tested against.
-- A few tokens (T·K ≤ E: batch-1 decoding, or a few sequences) take the gathered path instead: keep the FFN slots
-  (ids < E), gather those experts' weights (S, 2F, D) and (S, D, F) and run them as one batched matmul each; a tiny
-  (T, S) combine matmul carries the gate weights back to the tokens. No sort, no grouped matmul, no scatter; zero-
-  computation slots are dropped before any weight is read, so they cost nothing. At batch 1 it reads only the
-  chosen experts' weights (index_select copies them once; the copy is what the matmul streams).
+- A few tokens (T·K ≤ E: batch-1 decoding, or a few sequences) on CUDA or under torch.compile take the gathered
+  path (`impl="gathered"` anywhere; eager on CPU the grouped path measured faster, see `uses_gathered`): keep the
+  FFN slots (ids < E), gather those experts' weights (S, 2F, D) and (S, D, F) and run them as one batched matmul
+  each; a tiny (T, S) combine matmul carries the gate weights back to the tokens. No sort, no grouped matmul, no
+  scatter; zero-computation slots are dropped before any weight is read, so they cost nothing. At batch 1 it reads
+  only the chosen experts' weights (index_select copies them once; the copy is what the matmul streams).
 - Identity experts add w·x (an axpy, no GEMM); null experts add nothing.
 - Monitoring: each forward records the router losses and cheap batch metrics in `aux`; in training mode it also
   accumulates the step's load statistics, which `update_routing()` (once per optimizer step) all-reduces over the
@@ -67,7 +68,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
 
     def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
-        if self.uses_gathered(x_TD.shape[0], ids_TK.shape[1]):
+        if self.uses_gathered(x_TD, ids_TK.shape[1]):
             return self._gathered(x_TD, ids_TK, weights_TK)
         K, E = ids_TK.shape[1], self.gate_up_proj.shape[0]
         ids_S = ids_TK.flatten()
@@ -87,12 +88,16 @@ class Experts(nn.Module):
         run = self._grouped_mm if self.uses_grouped_mm(x_SD) else self._split
         return torch.zeros_like(x_TD).index_add(0, tok_S, run(x_SD, w_S1, counts_E))
 
-    def uses_gathered(self, tokens: int, slots_per_token: int) -> bool:
-        """The gathered path for a few tokens: while T·K <= E, gathering per slot reads no more weight bytes than
-        the grouped path, which reads every used expert once (batch-1 decoding always qualifies: K <= E)."""
+    def uses_gathered(self, x_TD: Tensor, slots_per_token: int) -> bool:
+        """The gathered path for a few tokens (T·K <= E, so no expert is gathered more often than the grouped path
+        reads it), on CUDA or under torch.compile: there the gather is one device copy and each bmm one kernel (and
+        one graph), where the fp32 fallback is a split loop that launches, and under compile recompiles, per expert
+        count. Eager on CPU "auto" keeps the grouped path: the gather's copy doubles the bytes moved, and at batch 1
+        on cpu-small-moe shapes it measured 256 µs against grouped_mm's 203 (docs/benchmarks.md)."""
         if self.impl != "auto":
             return self.impl == "gathered"
-        return tokens * slots_per_token <= self.gate_up_proj.shape[0]
+        fits = x_TD.shape[0] * slots_per_token <= self.gate_up_proj.shape[0]
+        return fits and (x_TD.device.type == "cuda" or torch.compiler.is_compiling())
 
     def _gathered(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """The small-batch path: only the chosen FFN experts' weights are read, in one batched matmul each."""
