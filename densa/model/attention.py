@@ -48,9 +48,10 @@ class CausalSelfAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=Hkv != H)
         else:  # continuing: slot s holds position s, so a query at position p sees the slots <= p
-            S = cache.k.shape[2]
+            S = pos.extent or cache.k.shape[2]  # the slots in use, or (compiled, fixed shapes) the whole buffer
+            keys, values = cache.k[:, :, :S], cache.v[:, :, :S]  # (B, Hkv, S, d)
             mask_BTS = torch.arange(S, device=k.device) <= pos.ids_BT[:, :, None]
-            o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask_BTS[:, None], enable_gqa=Hkv != H)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_BTS[:, None], enable_gqa=Hkv != H)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
 
 

@@ -248,12 +248,16 @@ class Positions:
     valid_BT: Tensor | None  # False at left padding; None when the batch has no padding
     start_B: Tensor  # per-row position before these tokens
     first_step: int  # time steps processed before these tokens (0: a fresh sequence, every row at position 0)
+    # position slots in use once these tokens are written (every row's positions are below it): eager steps attend
+    # over these slots only; None (a compiled step: fixed shapes) attends over the whole reserved buffer, masked
+    extent: int | None = None
 
     @classmethod
-    def step(cls, cache: ModelCache) -> Positions:
+    def step(cls, cache: ModelCache, extent: int | None = None) -> Positions:
         """One decoding step of a prefilled cache, without reading `cache.steps` (a Python int that changes every
-        step would specialise a compiled step); `first_step` is then 1, meaning "not fresh"."""
-        return cls(cache.positions[:, None], None, cache.positions, 1)
+        step would specialise a compiled step); `first_step` is then 1, meaning "not fresh". An eager caller passes
+        `extent` = cache.steps + 1 so dense layers read only the slots in use."""
+        return cls(cache.positions[:, None], None, cache.positions, 1, extent)
 
     @classmethod
     def build(cls, batch: int, T: int, device: torch.device, attention_mask: Tensor | None,
@@ -262,7 +266,7 @@ class Positions:
         start = start if start is not None else torch.zeros(batch, dtype=torch.long, device=device)
         steps = cache.steps if cache is not None else 0
         if attention_mask is None:
-            return cls(start[:, None] + torch.arange(T, device=device), None, start, steps)
+            return cls(start[:, None] + torch.arange(T, device=device), None, start, steps, steps + T)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < T:
             raise ValueError(f"attention_mask must have shape (batch, >= {T}) for input_ids of shape ({batch}, {T}); "
                              f"got {tuple(attention_mask.shape)}")
@@ -271,7 +275,7 @@ class Positions:
             raise ValueError("attention_mask: only left padding is supported (zeros before a row's first token)")
         ids = start[:, None] + valid.long().cumsum(1) - 1
         ids = torch.where(valid, ids, start[:, None])
-        return cls(ids, None if bool(valid.all()) else valid, start, steps)
+        return cls(ids, None if bool(valid.all()) else valid, start, steps, steps + T)
 
     def advance(self, cache: ModelCache) -> None:
         """Record these tokens in the cache's per-row positions and step count."""

@@ -71,7 +71,10 @@ class InferenceSteps:
         """One token per row of a prefilled cache: (logits (B, V), FFN experts (layers, B) or None). The slot is
         reserved and the step counted here, outside the compiled region (Python ints there would recompile)."""
         cache.reserve(cache.steps + 1)
-        out = self._decode(input_ids_B1, cache)
+        if self.compiled:  # fixed shapes: attend over the reserved buffer
+            out = self._decode(input_ids_B1, cache)
+        else:  # eager: dense layers read only the slots in use (a reserved 8k buffer would cost 8k keys a step)
+            out = self._decode(input_ids_B1, cache, cache.steps + 1)
         cache.steps += 1
         return out
 

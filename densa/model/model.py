@@ -115,12 +115,15 @@ class DensaModel(nn.Module):
                 loss = loss + aux_loss
         return ModelOutput(logits=logits, loss=loss, aux=aux, ffn_experts=ffn_experts)
 
-    def decode_step(self, input_ids_B1: Tensor, cache: ModelCache) -> tuple[Tensor, Tensor | None]:
+    def decode_step(self, input_ids_B1: Tensor, cache: ModelCache, extent: int | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
         """One decoding step of a prefilled cache: (B, 1) tokens -> (logits (B, V) fp32, FFN experts per token
         (layers, B) or None). Fixed shapes, cache buffers written in place, no host sync and no input check (the
         tokens are the model's own samples), so it compiles to one graph. The caller reserves a slot first and
-        counts the step after (`densa.model.compile.Steps.decode` does both); `forward` is the checked reference."""
-        pos = Positions.step(cache)
+        counts the step after (`densa.model.compile.Steps.decode` does both); `forward` is the checked reference.
+        `extent` (eager callers: cache.steps + 1) limits dense layers to the slots in use; a compiled step leaves it
+        None and attends over the whole reserved buffer, so its shapes never change."""
+        pos = Positions.step(cache, extent)
         logits_B1V, routed = self._layers_and_head(input_ids_B1, pos, cache, 1)
         cache.positions.add_(1)
         used = [r.ffn_experts_BL[:, 0] for r in routed if r is not None]
