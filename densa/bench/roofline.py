@@ -15,7 +15,6 @@ token against the measured memory bandwidth.
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from densa.config import ModelConfig
 from densa.counting import ParamCounts, count_parameters, flops_per_token
 from densa.model.model import DensaModel
-from densa.train.peak import cache_file, peak_flops
+from densa.train.peak import cached_measurement, peak_flops
 
 
 def measure_bandwidth(mb: int = 256, seconds: float = 0.5) -> float:
@@ -41,19 +40,7 @@ def measure_bandwidth(mb: int = 256, seconds: float = 0.5) -> float:
 def bandwidth() -> float:
     """The cached measured read bandwidth for this machine and thread count (measured now if absent)."""
     key = f"bandwidth|{torch.get_num_threads()} threads|torch {torch.__version__}"
-    path = cache_file()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        cache[key] = measure_bandwidth()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cache, indent=2) + "\n")
-        except OSError:
-            pass
-    return float(cache[key])
+    return cached_measurement(key, measure_bandwidth)
 
 
 def machine_limits(bf16: bool = False) -> dict[str, float]:

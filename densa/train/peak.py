@@ -32,21 +32,26 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seco
     return best
 
 
-def peak_flops(bf16: bool = False) -> float:
-    """The cached measured peak for this machine and dtype (measured now if absent)."""
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    key = f"cpu|{platform.processor() or platform.machine()}|{torch.get_num_threads()} threads|{dtype}|" \
-          f"torch {torch.__version__}"
+def cached_measurement(key: str, measure) -> float:
+    """The figure cached under `key` for this machine (~/.cache/densa), measured by `measure()` now if absent."""
     path = cache_file()
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        cache[key] = measure_matmul_flops(dtype)
+        cache[key] = measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cache, indent=2) + "\n")
         except OSError:
             pass  # an unwritable cache only costs a re-measurement next time
     return float(cache[key])
+
+
+def peak_flops(bf16: bool = False) -> float:
+    """The cached measured peak for this machine and dtype (measured now if absent)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    key = f"cpu|{platform.processor() or platform.machine()}|{torch.get_num_threads()} threads|{dtype}|" \
+          f"torch {torch.__version__}"
+    return cached_measurement(key, lambda: measure_matmul_flops(dtype))
