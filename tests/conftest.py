@@ -77,3 +77,12 @@ def prepared_shakespeare(root, chars: int, documents: int = 1, **prepare_kwargs)
     train_tokenizer([text], 300).save_pretrained(str(root / "tok"))
     prepare(str(corpus), root / "tok", root / "data", **prepare_kwargs)
     return root / "data"
+
+
+def tiny_server(model, tokenizer, context: int, **overrides):
+    """A live `densa serve` (BackgroundServer) on a tiny model: batch 4, 60 s timeout, `overrides` on top."""
+    from densa.serve.app import ServeConfig, build_app
+    from densa.serve.command import BackgroundServer
+
+    cfg = ServeConfig(**{"model_name": "tiny", "context": context, "max_batch": 4, "timeout_s": 60.0, **overrides})
+    return BackgroundServer(build_app(model, tokenizer, cfg))

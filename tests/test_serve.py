@@ -10,14 +10,12 @@ import openai
 import pytest
 import requests
 import torch
-from conftest import VARIANTS, tiny_model
+from conftest import VARIANTS, tiny_model, tiny_server
 
 from densa.data.corpora import corpus_texts
 from densa.data.tokenizer import train_tokenizer
 from densa.generation import generate
-from densa.serve.app import ServeConfig, build_app
 from densa.serve.batching import concat_caches, drop_rows, pad_prompts
-from densa.serve.command import BackgroundServer
 from densa.serve.engine import Engine, QueueFull, Request, SamplingParams
 from densa.serve.metrics import ServerMetrics
 
@@ -35,9 +33,7 @@ def model():
 
 
 def serve(model, tokenizer, **overrides):
-    cfg = ServeConfig(**{"model_name": "tiny", "context": CONTEXT, "max_batch": 4, "max_queue": 16,
-                         "timeout_s": 60.0, **overrides})
-    return BackgroundServer(build_app(model, tokenizer, cfg))
+    return tiny_server(model, tokenizer, CONTEXT, **{"max_queue": 16, **overrides})
 
 
 @pytest.fixture(scope="module")

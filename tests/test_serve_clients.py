@@ -5,12 +5,10 @@
 import openai
 import pytest
 import requests
-from conftest import tiny_model
+from conftest import tiny_model, tiny_server
 
 from densa.data.corpora import corpus_texts
 from densa.data.tokenizer import train_tokenizer
-from densa.serve.app import ServeConfig, build_app
-from densa.serve.command import BackgroundServer
 
 VOCAB, CONTEXT = 320, 256
 MESSAGES = [{"role": "user", "content": "Speak, friend."}]
@@ -27,8 +25,7 @@ def model():
 
 
 def serve(model, tokenizer, **overrides):
-    cfg = ServeConfig(**{"model_name": "tiny", "context": CONTEXT, "max_batch": 4, "timeout_s": 60.0, **overrides})
-    return BackgroundServer(build_app(model, tokenizer, cfg))
+    return tiny_server(model, tokenizer, CONTEXT, **overrides)
 
 
 @pytest.fixture(scope="module")
