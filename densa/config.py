@@ -282,10 +282,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 # per token on average, 2 null + 2 identity experts so a token may skip the FFN)
 PRESETS["tiny-moe"] = dict(PRESETS["tiny"], ffn="moe", num_experts=16, num_experts_per_tok=4, num_null_experts=2,
                            num_identity_experts=2, target_active_experts=3.0)
-# the whole recipe at CPU scale: Mega mixer + the same dynamic MoE proportions, the combination the iso-FLOP ablations
-# found best (docs/iso-flop.md); `densa quickstart` trains exactly this against the dense baseline
-PRESETS["cpu-small-moe"] = dict(PRESETS["cpu-small"], ffn="moe", num_experts=16, num_experts_per_tok=4,
-                                num_null_experts=2, num_identity_experts=2, target_active_experts=3.0)
+
+
+def densa_recipe(size: dict[str, Any]) -> dict[str, Any]:
+    """densa's full recipe on a size preset: the Mega mixer at value width = hidden size with an 8-dimensional EMA
+    (the inference-density study's finalist `mega_narrow_moe`, picked on the validation half; docs/inference-density.md)
+    and the dynamic MoE FFN: 16 experts of width intermediate_size / 4, 4 slots, 2 null + 2 identity experts, 3 FFN
+    experts per token on average (the iso-FLOP study's proportions, docs/iso-flop.md)."""
+    return dict(size, mixer="mega", value_dim=size["hidden_size"], ema_dim=8, ffn="moe", num_experts=16,
+                num_experts_per_tok=4, num_null_experts=2, num_identity_experts=2, target_active_experts=3.0)
+
+
+# `densa quickstart` trains cpu-small-moe against its dense baseline; gpu-1b-moe is the same proportions at 1B scale
+PRESETS["cpu-small-moe"] = densa_recipe(PRESETS["cpu-small"])
+PRESETS["gpu-1b-moe"] = densa_recipe(PRESETS["gpu-1b"])
 
 
 def from_preset(name: str, **overrides: Any) -> ModelConfig:

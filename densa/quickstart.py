@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from densa.checkpoint import load_model
-from densa.config import PRESETS, from_preset
+from densa.config import PRESETS, ModelConfig, densa_recipe, from_preset
 from densa.counting import count_parameters, flops_per_token
 from densa.data.corpora import corpus_texts
 from densa.data.prepare import prepare, split_documents
@@ -41,16 +41,14 @@ from densa.train.loop import METRICS, train
 MARKER = "quickstart.json"
 CORPUS = "tinystories"
 PROMPT = "Once upon a time"
-# densa's FFN here: 16 experts of width intermediate_size / 4, 4 slots over them and 2 null + 2 identity experts,
-# 3 FFN experts per token on average (the iso-FLOP study's proportions, docs/iso-flop.md)
-DENSA_FFN = dict(ffn="moe", num_experts=16, num_experts_per_tok=4, num_null_experts=2, num_identity_experts=2,
-                 target_active_experts=3.0)
 # per preset: vocabulary, batch, context, densa's steps, validation batches, held-out bytes for bits/byte
 PLANS = {
     "tiny": dict(vocab=512, batch_size=4, context=64, steps=30, eval_batches=2, heldout_bytes=8_000),
     "cpu-small": dict(vocab=8192, batch_size=8, context=256, steps=100, eval_batches=8, heldout_bytes=40_000),
 }
-MODELS = (("densa", "mega", DENSA_FFN), ("dense baseline", "attention", {}))
+# densa = the preset's size with densa's recipe (cpu-small -> exactly the cpu-small-moe preset); the dense baseline is
+# the same size with full attention and a SwiGLU FFN
+MODELS = {"densa": densa_recipe, "dense baseline": lambda size: dict(size, mixer="attention")}
 EVAL_TASKS = ("arc_easy", "piqa")  # log-likelihood tasks with short items, where small models can leave chance
 
 
@@ -149,11 +147,11 @@ def main(args: argparse.Namespace) -> None:
     base = TrainConfig(data=str(out / "data"), batch_size=plan["batch_size"], context=context, steps=steps,
                        lr=3e-3, eval_batches=plan["eval_batches"], keep_last=1, seed=args.seed)
     tokens_per_step = base.batch_size * base.context
-    configs = {name: from_preset(preset, mixer=mixer, vocab_size=vocab, **ffn) for name, mixer, ffn in MODELS}
+    configs = {name: ModelConfig(**dict(recipe(PRESETS[preset]), vocab_size=vocab)) for name, recipe in MODELS.items()}
     budget = flops_per_token(configs["densa"], context).training * tokens_per_step * steps
 
     rows: dict[str, dict[str, Any]] = {}
-    for name, mixer, _ in MODELS:
+    for name in MODELS:
         cfg = configs[name]
         per_token = flops_per_token(cfg, context).training
         n = equal_flop_steps(budget, per_token, tokens_per_step)
@@ -163,14 +161,14 @@ def main(args: argparse.Namespace) -> None:
                                  "log_interval": max(1, n // 20), "eval_interval": max(1, n // 5),
                                  "checkpoint_interval": n})
         torch.manual_seed(args.seed)
-        result = train(cfg, run_cfg, out / mixer, progress=progress)
+        result = train(cfg, run_cfg, out / cfg.mixer, progress=progress)
         model = load_model(result.checkpoint).eval()
         counts = count_parameters(model)
         rows[name] = {"params": counts.total, "active": counts.active, "steps": n,
                       "training_flops": per_token * tokens_per_step * n, "tokens_per_s": result.tokens_per_s,
                       "mfu": result.mfu, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
                       "sample": sample(model, tok, args.seed), "checkpoint": str(result.checkpoint),
-                      "curve": validation_curve(out / mixer, per_token * tokens_per_step), "config": cfg,
+                      "curve": validation_curve(out / cfg.mixer, per_token * tokens_per_step), "config": cfg,
                       "model": model, "tokenizer": tok, "context": context}
 
     clock.stage("held-out bits per byte" + (" (and smollm2-135m)" if with_smollm2 else ""))

@@ -130,3 +130,14 @@ def test_study_end_to_end_on_a_hugging_face_llama_folder(tmp_path):
     assert set(r["validation_smollm2"]) == {"sft", "gated", "dler"}
     assert (tmp_path / "out" / "trials.jsonl").read_text().count("\n") == 10
     assert (tmp_path / "out" / "token-value.md").is_file()
+
+    # a rerun with the same --out (a resumed study) trains nothing, decodes nothing and reports the same figures
+    weights = sorted((tmp_path / "out").rglob("model.safetensors"))
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    scores = len(list((tmp_path / "out" / "scores").glob("*.json")))
+    again = run(args, tmp_path / "out")
+    assert [w.stat().st_mtime_ns for w in weights] == stamps and len(weights) >= 7
+    assert len(list((tmp_path / "out" / "scores").glob("*.json"))) == scores == 9  # 3 validation + 6 test
+    assert again["trials_smollm2"] == trials
+    for key in ("token_reduction", "accuracy_delta", "sft_accuracy", "rl_tv_invented_rate", "selected"):
+        assert again[f"{key}_smollm2"] == r[f"{key}_smollm2"], key

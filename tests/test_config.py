@@ -16,7 +16,7 @@ def test_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize(("name", "low", "high"), [("tiny", 0, 1e6), ("cpu-small", 5e6, 10e6),
                                                    ("cpu-base", 25e6, 35e6), ("gpu-1b", 0.9e9, 1.4e9),
-                                                   ("cpu-small-moe", 15e6, 20e6)])
+                                                   ("cpu-small-moe", 15e6, 20e6), ("gpu-1b-moe", 2e9, 5e9)])
 def test_preset_sizes(name, low, high):
     import torch
 
@@ -108,6 +108,15 @@ def test_presets_are_plain_data():
 
 
 def test_cpu_small_moe_is_what_quickstart_trains():
-    from densa.quickstart import DENSA_FFN
+    from densa.quickstart import MODELS
 
-    assert from_preset("cpu-small-moe") == from_preset("cpu-small", **DENSA_FFN)
+    assert ModelConfig(**MODELS["densa"](PRESETS["cpu-small"])) == from_preset("cpu-small-moe")
+    assert MODELS["dense baseline"](PRESETS["cpu-small"])["mixer"] == "attention"
+
+
+def test_gpu_preset_keeps_the_cpu_recipe_proportions():
+    cpu, gpu = from_preset("cpu-small-moe"), from_preset("gpu-1b-moe")
+    for cfg, size in ((cpu, from_preset("cpu-small")), (gpu, from_preset("gpu-1b"))):
+        assert cfg.value_dim == size.hidden_size and cfg.ema_dim == 8 and cfg.mixer == "mega"
+        assert cfg.intermediate_size == size.intermediate_size and cfg.num_experts == 16
+    assert (gpu.num_experts_per_tok, gpu.target_active_experts) == (cpu.num_experts_per_tok, cpu.target_active_experts)

@@ -370,3 +370,19 @@ def test_bench_train_keys():
         assert result[f"{kind}_tokens_per_s"] > 0 and result[f"{kind}_mfu"] > 0
     assert result["hf_params"] == result["dense_params"]
     assert result["ratio_tokens_per_s"] > 0 and result["dense_vs_hf"] > 0
+
+
+def test_bench_train_step_takes_a_compiled_forward():
+    """A torch.compile'd module refuses bool()/len() (dynamo's OptimizedModule), so the step must not test its
+    truth value; the eager backend keeps the trace cheap."""
+    from densa.bench import train as bench_train
+    from densa.train.config import TrainConfig
+    from densa.train.optim import build_optimizers
+
+    model = DensaModel(from_preset("tiny", num_hidden_layers=1)).train()
+    compiled = torch.compile(model, backend="eager")
+    with pytest.raises(TypeError, match="len"):
+        bool(compiled)
+    batch = torch.randint(0, 256, (2, 17))
+    optimizers = build_optimizers(model, TrainConfig(data="(bench)", lr=1e-3))
+    assert bench_train.step_seconds(model, optimizers, batch, False, compiled) > 0

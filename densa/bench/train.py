@@ -38,7 +38,7 @@ def step_seconds(model: nn.Module, optimizers: list[torch.optim.Optimizer], batc
     """Wall time of one optimizer step on `batch` (B, T+1); `forward` (default: the model) runs the loss."""
     start = time.perf_counter()
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        loss = (forward or model)(batch, labels=batch).loss
+        loss = (model if forward is None else forward)(batch, labels=batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     for opt in optimizers:

@@ -15,7 +15,10 @@ A protocol that cannot flatter, in two phases on the generated arithmetic word p
                 RL-TV's mean length) is a view of the SFT decoding, not a new one.
 
 Every arm — tuning candidates with their validation figures, failed runs with their error — is in the JSON, and
-`trials` lists what was run in the order it was run. Reported per arm: accuracy, output tokens (all; correct only),
+`trials` lists what was run in the order it was run. Nothing is lost on a crash: a rerun with the same `--out`
+reuses every finished run (its `model/` folder and its `ok` line in trials.jsonl), keeps every failed one failed (it
+is not retried) and reads every scoring back from `scores/` instead of decoding again, so a resumed study scores each
+arm on the test split once, like an uninterrupted one. Reported per arm: accuracy, output tokens (all; correct only),
 Token Value (correct answers per 1,000 output tokens), accuracy against a token budget, OOD accuracy, the
 short-but-wrong rate (output no longer than the concise reference solution, and wrong), and on unanswerable
 problems the invented-number rate (a numeric final answer where the honest one is `#### unknown`).
@@ -128,10 +131,11 @@ class Splits:
 
 
 class Scorer:
-    """Greedy decoding of a model on a split, with the protocol's guard: each arm is scored on `test` once."""
+    """Greedy decoding of a model on a split, with the protocol's guard: each arm is scored on `test` once. Each
+    scoring is written to `cache/` and read back by a resumed study instead of decoding again."""
 
-    def __init__(self, splits: Splits, max_new: int, progress: bool) -> None:
-        self.splits, self.max_new, self.progress = splits, max_new, progress
+    def __init__(self, splits: Splits, max_new: int, progress: bool, cache: Path | None = None) -> None:
+        self.splits, self.max_new, self.progress, self.cache = splits, max_new, progress, cache
         self.scored: list[tuple[str, str]] = []
 
     def score(self, arm: str, path: Path, split: str) -> dict[str, Any]:
@@ -143,6 +147,10 @@ class Scorer:
         model, tok = load_policy(load_recipe(None, [f"policy.path={path}"]).policy)
         parts = ("validation", "validation_unanswerable") if split == "validation" else (
             "test", "test_unanswerable", "ood", "ood_unanswerable")
+        saved = self.cache / f"{arm.replace('/', '-')}-{split}.json" if self.cache else None
+        if saved is not None and saved.is_file():  # scored before a crash: read back, not decoded again
+            stored = json.loads(saved.read_text())
+            return {"tok": tok, **{k: [Output(**o) for o in v] if k in parts else v for k, v in stored.items()}}
         run: dict[str, Any] = {"tok": tok}
         for part in parts:
             problems = getattr(self.splits, part)
@@ -150,6 +158,10 @@ class Scorer:
                                         [p.answer for p in problems], max_new_tokens=self.max_new,
                                         progress=self.progress)
             run[f"{part}_reference"] = [len(tok(p.concise())["input_ids"]) + 1 for p in problems]
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            stored = {k: [asdict(o) for o in v] if k in parts else v for k, v in run.items() if k != "tok"}
+            saved.write_text(json.dumps(stored) + "\n")
         return run
 
 
@@ -174,7 +186,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for overrides in cfg.candidates.values():
         load_recipe(cfg.align_recipe, rl_over + overrides, method="grpo")
     splits = Splits.build(sizes["validation"], sizes["heldout"], sizes["ood"], sizes["unanswerable"])
-    scorer = Scorer(splits, base.task.max_new_tokens, progress)
+    scorer = Scorer(splits, base.task.max_new_tokens, progress, out / "scores")
     trials = Trials(out / "trials.jsonl")
 
     # phase 1: tuning, scored on validation only
@@ -187,7 +199,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                          tuning_dir / name, progress)
         if path is not None:
             validation[name] = _arm_metrics([scorer.score(f"tuning/{name}", path, "validation")], "validation", [])
-            trials.records[-1]["scored_on"] = "validation"
+            trials.scored(f"tuning/{name}", "validation")
     selected, reason = select(validation, list(cfg.candidates))
 
     # phase 2: confirmation, each arm scored once on test
@@ -200,7 +212,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                              sft_path, seed, out / f"seed{seed}" / arm, progress)
             if path is not None:
                 scored[arm] = scorer.score(f"seed{seed}/{arm}", path, "test")
-                trials.records[-1]["scored_on"] = "test"
+                trials.scored(f"seed{seed}/{arm}", "test")
         if len(scored) == 3:  # a seed enters the headline only with all three arms (a failed one is in `trials`)
             for arm in ("sft", "rl_correct", "rl_tv"):
                 runs[arm].append(scored[arm])
@@ -211,21 +223,34 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 class Trials:
-    """The ordered log of every SFT and RL run (phase, arm, seed, overrides, status, error, seconds)."""
+    """The ordered log of every SFT and RL run (phase, arm, seed, overrides, status, error, seconds), kept in
+    trials.jsonl. A rerun with the same log reuses what it records: a finished run whose model folder is there, and a
+    failed run (not retried)."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.records = path, []
+        self.path = path
+        self.records: list[dict[str, Any]] = read_jsonl(path) if path.is_file() else []
+
+    def _finished(self, arm: str, model: Path) -> dict[str, Any] | None:
+        """The logged run of `arm`, if it failed or if it finished and its model folder is there."""
+        done = [r for r in self.records if r["arm"] == arm and (r["status"] == "failed" or model.is_dir())]
+        return done[-1] if done else None
 
     def sft(self, recipe: str, overrides: list[str], seed: int, out: Path, progress: bool) -> Path:
-        start = time.perf_counter()
-        run_sft(load_recipe(recipe, overrides + [f"sft.seed={seed}"], method="sft"), out, progress=progress,
-                evaluate=False)  # an SFT failure ends the study: every arm depends on it
-        self._add(str(out.relative_to(out.parents[1])), "sft", seed, None, overrides, "ok", "", start)
+        arm = str(out.relative_to(out.parents[1]))
+        if self._finished(arm, out / "model") is None:
+            start = time.perf_counter()
+            run_sft(load_recipe(recipe, overrides + [f"sft.seed={seed}"], method="sft"), out, progress=progress,
+                    evaluate=False)  # an SFT failure ends the study: every arm depends on it
+            self._add(arm, "sft", seed, None, overrides, "ok", "", start)
         return out / "model"
 
     def rl(self, arm: str, recipe: str, overrides: list[str], sft: Path, seed: int, out: Path,
            progress: bool) -> Path | None:
         """Run one GRPO arm; a failure is recorded (with its error) and returns None instead of stopping the study."""
+        done = self._finished(arm, out / "model")
+        if done is not None:
+            return out / "model" if done["status"] == "ok" else None
         start = time.perf_counter()
         full = overrides + [f"policy.path={sft}", f"grpo.seed={seed}"]
         try:
@@ -237,6 +262,11 @@ class Trials:
             return None
         self._add(arm, "rl", seed, str(sft), overrides, "ok", "", start)
         return out / "model"
+
+    def scored(self, arm: str, split: str) -> None:
+        """Note which split scored `arm`'s run."""
+        [r for r in self.records if r["arm"] == arm][-1]["scored_on"] = split
+        self.write()
 
     def _add(self, arm: str, kind: str, seed: int, sft: str | None, overrides: list[str], status: str, error: str,
              start: float) -> None:
