@@ -3,7 +3,7 @@ model eager and compiled; `--model smollm2-135m` instead runs a real model besid
 
 Choices (docs/benchmarks.md explains them with the measured figures):
 - Models, random-init, fp32, eval mode, under `torch.no_grad()`, torch's default thread count (`threads`):
-    densa: `from_preset("cpu-small-moe")`, the full recipe (Mega mixer + dynamic MoE, 18.1M parameters, 7.5M active)
+    densa: `from_preset("cpu-small-moe")`, the full recipe (Mega mixer + dynamic MoE, 16.8M parameters, 6.3M active)
     dense: its dense twin of the *same active parameters* (`dense_twin`: Llama-style attention mixer, SwiGLU FFN
            widened to match densa's active count; `dense_intermediate_size` says how wide)
     hf:    transformers' `LlamaForCausalLM` with the dense twin's shape; nothing is downloaded.

@@ -1,8 +1,8 @@
 """`densa bench serve`: a live `densa serve` under 1, 4 and 8 concurrent streaming clients.
 
 Choices (docs/serving.md and docs/benchmarks.md give the figures):
-- Models, one server after the other: densa = `from_preset("cpu-small-moe")` (Mega mixer + dynamic MoE, 18.1M
-  parameters, 7.5M active) and `dense` = its dense twin of the same active parameters (densa/bench/decode.py
+- Models, one server after the other: densa = `from_preset("cpu-small-moe")` (Mega mixer + dynamic MoE, 16.8M
+  parameters, 6.3M active) and `dense` = its dense twin of the same active parameters (densa/bench/decode.py
   `dense_twin`), both with *untrained* weights, which is fine for speed (every decode step runs the same operations
   whatever the weights; the MoE's routing is its untrained router's), plus a byte-level BPE tokenizer trained on the
   embedded tiny-shakespeare. Each is written to a temporary directory and served by a `densa serve` subprocess, so
