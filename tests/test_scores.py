@@ -201,13 +201,14 @@ def test_quickstart_report_uses_the_shared_definitions(tmp_path):
 
 
 def test_rescoring_the_committed_quickstart_leaves_no_ratio_at_chance():
-    """docs/results/quickstart.json: every eval-suite score's interval includes chance, so no model keeps a ratio."""
+    """docs/results/quickstart-before-issue-14.json (a quickstart run scored with the old definition): every
+    eval-suite score's interval includes chance, so no model keeps a ratio."""
     pytest.importorskip("lm_eval")
     from pathlib import Path
 
     from densa.eval.rescore import table
 
-    lines = table(Path(__file__).parents[1] / "docs" / "results" / "quickstart.json").splitlines()[2:]
+    lines = table(Path(__file__).parents[1] / "docs" / "results" / "quickstart-before-issue-14.json").splitlines()[2:]
     assert len(lines) == 6
     assert all(line.split(" | ")[6] == "at chance" for line in lines)
     assert "| densa | piqa | 0.400 [0.200, 0.600] | 0.500 | 25.9 |" in lines[1]

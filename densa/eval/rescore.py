@@ -1,6 +1,6 @@
 """Committed results re-scored with today's Intelligence Density (densa.eval.density), without re-running a model:
 
-    python -m densa.eval.rescore docs/results/quickstart.json docs/results/eval-default/results.json
+    python -m densa.eval.rescore docs/results/quickstart-before-issue-14.json docs/results/eval-default/results.json
 
 prints a before/after Markdown table per file (docs/eval.md shows them).
 
