@@ -76,6 +76,9 @@ def test_selection_rule_uses_validation_only_and_prefers_the_shortest_that_keeps
     assert select({"sft": sft, "a": m(0.90, 30), "b": m(0.90, 10, 0.5)}, ["a", "b"])[0] == "a"
     name, why = select({"sft": sft, "a": m(0.70, 30), "b": m(0.85, 40)}, ["a", "b"])
     assert name == "b" and "no candidate" in why
+    # every candidate keeps accuracy but invents more: the fallback says so (what the small-model run met)
+    name, why = select({"sft": sft, "a": m(0.895, 20, 0.6), "b": m(0.90, 20, 0.5)}, ["a", "b"])
+    assert name == "b" and "['a', 'b'] kept validation accuracy within 1 point but invented numbers" in why
     assert select({"sft": sft}, ["a", "b"]) == (None, "every candidate failed; nothing to confirm")
 
 

@@ -299,7 +299,10 @@ def select(validation: dict[str, dict[str, Any]], order: list[str]) -> tuple[str
         best = max(eligible, key=reduction)  # max keeps the first listed on ties
         return best, f"largest validation token reduction ({reduction(best):.3f}) among {eligible}"
     best = max(ok, key=lambda n: (delta(n), reduction(n)))
-    return best, f"no candidate kept validation accuracy within 1 point; highest accuracy_delta ({delta(best):+.1f})"
+    inventing = [n for n in ok if delta(n) >= -1]  # kept accuracy, but invented more numbers than SFT
+    why = (f"{inventing} kept validation accuracy within 1 point but invented numbers more often than SFT"
+           if inventing else "no candidate kept validation accuracy within 1 point")
+    return best, f"{why}; highest accuracy_delta ({delta(best):+.1f})"
 
 
 def _forced_concise(path: Path, problems: list, max_new: int) -> dict[str, float]:
