@@ -278,19 +278,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                    ema_chunk_size=2048, attn_chunk_size=2048, shared_qk_dim=512, value_dim=4096,
                    tie_word_embeddings=False),
 }
-# tests and the controller log: tiny with densa's dynamic MoE (16 experts of width 44, 4 slots, 3 FFN experts
-# per token on average, 2 null + 2 identity experts so a token may skip the FFN)
-PRESETS["tiny-moe"] = dict(PRESETS["tiny"], ffn="moe", num_experts=16, num_experts_per_tok=4, num_null_experts=2,
-                           num_identity_experts=2, target_active_experts=3.0)
+# densa's dynamic MoE FFN: 16 experts of width intermediate_size / 4, 4 slots, 2 null + 2 identity experts so a
+# token may skip the FFN, 3 FFN experts per token on average (the iso-FLOP study's proportions, docs/iso-flop.md)
+DYNAMIC_MOE = dict(ffn="moe", num_experts=16, num_experts_per_tok=4, num_null_experts=2, num_identity_experts=2,
+                   target_active_experts=3.0)
+# tests and the controller log: tiny (Mega at its test widths) with the dynamic MoE
+PRESETS["tiny-moe"] = dict(PRESETS["tiny"], **DYNAMIC_MOE)
 
 
 def densa_recipe(size: dict[str, Any]) -> dict[str, Any]:
     """densa's full recipe on a size preset: the Mega mixer at value width = hidden size with an 8-dimensional EMA
     (the inference-density study's finalist `mega_narrow_moe`, picked on the validation half; docs/inference-density.md)
-    and the dynamic MoE FFN: 16 experts of width intermediate_size / 4, 4 slots, 2 null + 2 identity experts, 3 FFN
-    experts per token on average (the iso-FLOP study's proportions, docs/iso-flop.md)."""
-    return dict(size, mixer="mega", value_dim=size["hidden_size"], ema_dim=8, ffn="moe", num_experts=16,
-                num_experts_per_tok=4, num_null_experts=2, num_identity_experts=2, target_active_experts=3.0)
+    and the dynamic MoE FFN."""
+    return dict(size, mixer="mega", value_dim=size["hidden_size"], ema_dim=8, **DYNAMIC_MOE)
 
 
 # `densa quickstart` trains cpu-small-moe against its dense baseline; gpu-1b-moe is the same proportions at 1B scale

@@ -47,10 +47,11 @@ from densa.align.config import load_recipe
 from densa.align.evaluate import Output, audit_unanswerable, budget_curve, generate_greedy
 from densa.align.grpo import run_grpo
 from densa.align.logs import read_jsonl
-from densa.align.policy import load_policy
+from densa.align.policy import chat_tokenizer, load_policy
 from densa.align.problems import heldout_and_ood, messages, unanswerable, validation_split
 from densa.align.sft import run_sft
 from densa.config import ConfigError, read_recipe
+from densa.data.tokenizer import load_tokenizer
 from densa.study.stats import mean_ci
 
 ARMS = ("sft", "rl_correct", "rl_tv", "truncation")
@@ -144,13 +145,15 @@ class Scorer:
         if (arm, split) in self.scored and split == "test":
             raise RuntimeError(f"{arm}: already scored on the test split (the protocol allows one scoring per arm)")
         self.scored.append((arm, split))
-        model, tok = load_policy(load_recipe(None, [f"policy.path={path}"]).policy)
         parts = ("validation", "validation_unanswerable") if split == "validation" else (
             "test", "test_unanswerable", "ood", "ood_unanswerable")
         saved = self.cache / f"{arm.replace('/', '-')}-{split}.json" if self.cache else None
         if saved is not None and saved.is_file():  # scored before a crash: read back, not decoded again
+            tok = load_tokenizer(path)  # the run's own (save_policy wrote it beside the weights); no model load
+            chat_tokenizer(tok)
             stored = json.loads(saved.read_text())
             return {"tok": tok, **{k: [Output(**o) for o in v] if k in parts else v for k, v in stored.items()}}
+        model, tok = load_policy(load_recipe(None, [f"policy.path={path}"]).policy)
         run: dict[str, Any] = {"tok": tok}
         for part in parts:
             problems = getattr(self.splits, part)

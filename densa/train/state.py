@@ -35,8 +35,8 @@ from densa.model.model import DensaModel
 
 STATE_FILE = "train_state.pt"
 LATEST = "latest"
-# what an interrupted save leaves: mkdtemp's `.step-N.XXXX` (and `.step-N.old.XXXX`), and save_checkpoint's own
-# `..step-N.XXXX.YYYY` beside it. Nothing else in checkpoints/ is ever removed as a temporary.
+# what an interrupted save leaves: mkdtemp's `.step-N.<random>` (and `.step-N.old.<random>`), and save_checkpoint's
+# own `..step-N.<random>.<random>` beside it. Nothing else in checkpoints/ is ever removed as a temporary.
 TEMPORARY = re.compile(r"\.{1,2}step-\d+\..+")
 
 
