@@ -37,6 +37,31 @@ def test_chunked_continues_from_a_state_and_step_matches(complex_ema):
     torch.testing.assert_close(torch.stack(ys, -1), y_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("complex_ema", [False, True], ids=["real", "complex"])
+def test_decoding_reuses_step_coefficients_until_a_parameter_changes(complex_ema):
+    """Inference keeps the step's coefficients; an in-place update (optimizer step) or load_state_dict renews them."""
+    ema = DampedEMA(dim=8, ema_dim=4, chunk=16, complex_ema=complex_ema)
+    other = DampedEMA(dim=8, ema_dim=4, chunk=16, complex_ema=complex_ema)
+    x, state = torch.randn(2, 1, 8), ema.new_state(2)
+
+    def expected(module):
+        y, _ = ema_step(x[:, 0], module.coeffs(), state)
+        return y + module.omega * x[:, 0]
+
+    with torch.no_grad():
+        first = ema.step_coeffs()
+        assert ema.step_coeffs() is first  # kept
+        torch.testing.assert_close(ema(x, state)[0][:, 0], expected(ema))
+        ema.alpha.add_(0.5)  # what an optimizer step does
+        assert ema.step_coeffs() is not first
+        torch.testing.assert_close(ema(x, state)[0][:, 0], expected(ema))
+        ema.load_state_dict(other.state_dict())
+        torch.testing.assert_close(ema(x, state)[0][:, 0], expected(other))
+    y, _ = ema(x.requires_grad_(), state)  # with autograd: computed afresh, gradients reach the parameters
+    y.sum().backward()
+    assert ema.alpha.grad is not None
+
+
 def test_long_sequence_memory_is_chunked():
     """The chunked path never builds a D×N×L kernel: its largest coefficient tensor is D×N×(chunk+1)."""
     ema = DampedEMA(dim=4, ema_dim=2, chunk=8)

@@ -86,9 +86,32 @@ def test_small_batch_gathers_only_the_chosen_experts(tokens):
     ids_TK = r.ids_TK.clamp(max=E)  # null everything past the FFN experts: identity is MoE.forward's part
     ref = moe_reference(x_TD, ids_TK, r.weights_TK, layer.experts.gate_up_proj, layer.experts.down_proj, num_null=1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the fixed-shape variant torch.compile traces (every slot runs, zero-computation ones at weight 0)
+    torch.testing.assert_close(layer.experts._gathered_static(x_TD, r.ids_TK, r.weights_TK), ref, rtol=1e-5,
+                               atol=1e-5)
     full = layer(x_TD[None])  # the whole layer, gathered, against the grouped path
     layer.experts.impl = "grouped_mm"
     torch.testing.assert_close(full, layer(x_TD[None]), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_cpu_decoding_loops_over_the_chosen_experts():
+    """Batch-1 inference on CPU takes the looped path (no autograd, T·K <= E); training and larger batches keep
+    the grouped dispatch; both equal the reference."""
+    layer = moe_layer().eval()
+    layer.gate.zc_bias.fill_(0.06)
+    E, K, D = layer.num_experts, layer.top_k, layer.experts.gate_up_proj.shape[2]
+    one, many = torch.randn(1, D), torch.randn(2 * E // K, D)
+    with torch.no_grad():
+        assert layer.experts.uses_looped(one, K) and not layer.experts.uses_looped(many, K)
+        r = layer.gate(one)
+        out = layer.experts(one, r.ids_TK, r.weights_TK)
+    assert not layer.experts.uses_looped(one, K)  # autograd on: the grouped path
+    ids_TK = r.ids_TK.clamp(max=E)  # identity experts are MoE.forward's part
+    ref = moe_reference(one, ids_TK, r.weights_TK, layer.experts.gate_up_proj, layer.experts.down_proj, num_null=1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    layer.experts.impl = "looped"  # forced with autograd on: refused (it carries no gradient to the router)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer.experts(one, r.ids_TK, r.weights_TK)
 
 
 def test_grouped_mm_is_used_only_when_aligned():
@@ -282,6 +305,10 @@ def test_moe_bench_keys():
                 "e8_densa_ms", "e8_ratio_vs_hf_grouped"):
         assert result[key] > 0, key
     assert result["dynamic_active_fraction"] == pytest.approx(0.6, abs=0.1)
+    decode = moe.decode_cases(rounds=1, calls=2)
+    for key in ("decode_grouped_us", "decode_gathered_us", "decode_looped_us", "ratio_decode_looped_vs_grouped"):
+        assert decode[key] > 0, key
+    assert 0 <= decode["decode_ffn_experts"] <= 4
 
 
 # --------------------------------------------------------------------------- config and CLI

@@ -224,6 +224,49 @@ def test_study_runs_end_to_end_on_a_tiny_llama(llama_dir, tmp_path):
         study.run(argparse.Namespace(quick=False, overrides=["nonsense=1"], no_progress=True), tmp_path)
 
 
+def test_study_resumes_where_it_stopped(llama_dir, tmp_path, monkeypatch):
+    """A run stopped during distillation continues in the same --out: what was scored is not scored again, the
+    finished study reruns without any work, and other settings in the same --out are refused."""
+    import argparse
+
+    from densa.study import moefy as study
+
+    sets = [f"model={llama_dir}", "experts=8", "calib_tokens=512", "window=128", "eval_tokens=256", "val_tokens=256",
+            "router_steps=10", "budgets=[1.0, 0.5]", 'splits=["cluster"]', "tune_steps=0", "tuned=[]",
+            "tuned_all=[]", "timed=[]", "benchmarks={}", "shared=[0.25]", "distill_steps=2", "distill_eval_every=1",
+            "distill_batch=2", "distill_context=64", 'distill_grid=[{"mode": "moe", "lr": 1e-3}]']
+    args = argparse.Namespace(quick=False, overrides=sets, no_progress=True)
+    real_distill = study.distill
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "distill", stop)
+    with pytest.raises(KeyboardInterrupt):
+        study.run(args, tmp_path)
+    first = json.loads((tmp_path / "state.json").read_text())["rows"]
+    assert {"dense", "cluster-b100", "cluster-b50", "shared-b100", "shared-b50"} <= set(first)
+    assert "shared-b50-distilled" not in first and "teal-b50" not in first
+
+    scored: list[str] = []
+    real_add = study.Study.add
+    monkeypatch.setattr(study.Study, "add", lambda self, name, *a, **k: (scored.append(name),
+                                                                          real_add(self, name, *a, **k)))
+    monkeypatch.setattr(study, "distill", real_distill)
+    result = study.run(args, tmp_path)
+    assert scored == ["shared-b50-distilled", "teal-b50"]  # only what the stopped run had not scored
+    assert result["cluster-b50_bpb"] == first["cluster-b50"]["bpb"] and result["shared_all_experts_greedy_identical"]
+    assert result["shared-b50-distilled_distill_cpu_seconds"] > 0
+
+    scored.clear()
+    for name in ("convert", "distill", "score", "tune", "ffn_inputs"):
+        monkeypatch.setattr(study, name, stop)
+    again = study.run(args, tmp_path)
+    assert scored == [] and again == result
+    with pytest.raises(ValueError, match="other settings \\(distill_steps\\)"):
+        study.run(argparse.Namespace(quick=False, overrides=[*sets, "distill_steps=3"], no_progress=True), tmp_path)
+
+
 @pytest.mark.parametrize("bad, message", [("budgets=abc", "budgets='abc': expected list"),
                                           ("budgets=[0.5, 1.5]", r"each must be in \(0, 1\]"),
                                           ("tune_lr=fast", "tune_lr='fast': expected float"),

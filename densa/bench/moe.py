@@ -13,6 +13,12 @@ the active FLOPs of a dense SwiGLU of width 1024. Variants, all fed the same inp
 - `half` (E=64 only): densa at top-4, half the routed pairs of top-8 (time must follow routed work).
 Keys without a prefix are E=64/top-8; `e8_` keys are E=8/top-2. Timing runs rounds over all variants, interleaved,
 and keeps each variant's fastest round: the CPU is shared, and the minimum is the least-disturbed measurement.
+
+Decoding (`decode_` keys): one token through the experts of a `cpu-small-moe` MoE layer (E=16, K=4, width 176,
+hidden 256, its dynamic routing), inference (no autograd), µs per call, each implementation on the same routing:
+`grouped` (sort + CPU `_grouped_mm`, the eager path before issue 15), `gathered` (copy the chosen experts' weights,
+one bmm each) and `looped` (two `F.linear` per chosen expert on views of the weights: what eager CPU decoding takes
+now, `Experts.uses_looped`); `ratio_decode_looped_vs_grouped`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from densa.config import ModelConfig
+from densa.config import ModelConfig, from_preset
 from densa.model.layers import SwiGLU
 from densa.model.moe import MoE
 
@@ -119,7 +125,34 @@ def run_cases(tokens: int, hidden: int, dense_width: int, shapes: dict[str, tupl
     return dict(sorted(out.items()))
 
 
+@torch.no_grad()
+def decode_cases(rounds: int, calls: int = 200) -> dict[str, float]:
+    """µs per one-token experts call of a cpu-small-moe MoE layer, per implementation (module docstring)."""
+    torch.manual_seed(0)
+    layer = MoE(from_preset("cpu-small-moe")).eval()
+    x_TD = torch.randn(1, layer.experts.gate_up_proj.shape[2])
+    r = layer.gate(x_TD)
+
+    def call(impl: str) -> Callable[[], None]:
+        def run_calls() -> None:
+            layer.experts.impl = impl
+            for _ in range(calls):
+                layer.experts(x_TD, r.ids_TK, r.weights_TK)
+        return run_calls
+
+    try:
+        ms = _time_interleaved({name: call(impl) for name, impl in (("grouped", "grouped_mm"),
+                                                                     ("gathered", "gathered"),
+                                                                     ("looped", "looped"))}, rounds)
+    finally:
+        layer.experts.impl = "auto"
+    out = {f"decode_{name}_us": round(1000 * value / calls, 1) for name, value in ms.items()}
+    out["decode_ffn_experts"] = int((r.ids_TK < layer.num_experts).sum())
+    out["ratio_decode_looped_vs_grouped"] = round(ms["looped"] / ms["grouped"], 3)
+    return out
+
+
 def run(quick: bool) -> dict[str, float | int | str | bool]:
     """The issue's sizes; `quick` times 3 rounds instead of 10 (same sizes, same keys)."""
     result = run_cases(TOKENS, HIDDEN, DENSE_WIDTH, SHAPES, rounds=3 if quick else 10, settle_steps=10)
-    return result
+    return dict(sorted({**result, **decode_cases(rounds=3 if quick else 10)}.items()))

@@ -116,9 +116,10 @@ def ema_reference(x_BDL: Tensor, co: EmaCoeffs, state_BDN: Tensor | None = None)
     return torch.stack(ys, dim=-1), h
 
 
-def ema_step(x_BD: Tensor, co: EmaCoeffs, state_BDN: Tensor) -> tuple[Tensor, Tensor]:
-    """One decoding step: h = p x + q h; y = Re(γ·h). Returns (y (B, D) fp32, new state)."""
-    h = co.p_DN * x_BD[..., None].float() + co.decay() * state_BDN
+def ema_step(x_BD: Tensor, co: EmaCoeffs, state_BDN: Tensor, q_DN: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One decoding step: h = p x + q h; y = Re(γ·h). Returns (y (B, D) fp32, new state). `q_DN` may pass the
+    decay precomputed (`co.decay()`)."""
+    h = co.p_DN * x_BD[..., None].float() + (co.decay() if q_DN is None else q_DN) * state_BDN
     return (h * co.gamma_DN).sum(-1).real, h
 
 
@@ -248,6 +249,7 @@ class DampedEMA(nn.Module):
             self.gamma = nn.Parameter(torch.empty(dim, ema_dim))
             self.beta = nn.Parameter(torch.empty(dim, ema_dim))
         self.reset_parameters()
+        self._step_memo: tuple[tuple, tuple[EmaCoeffs, Tensor, Tensor]] | None = None  # see step_coeffs
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -279,17 +281,33 @@ class DampedEMA(nn.Module):
         return EmaCoeffs(p_DN=a, log_q_DN=torch.complex(log_q, theta_DN),
                          gamma_DN=torch.view_as_complex(self.gamma.float().contiguous()) * scale)
 
+    def step_coeffs(self) -> tuple[EmaCoeffs, Tensor, Tensor]:
+        """(coefficients, decay q (D, N), ω in fp32) for a decoding step. Without autograd and outside
+        torch.compile they are kept until a parameter changes (its storage or version counter, which every
+        in-place update such as an optimizer step or `load_state_dict` bumps): in eager decoding the ~20 small
+        ops that derive them from the parameters cost as much as the step's recurrence itself."""
+        fresh = torch.is_grad_enabled() or torch.compiler.is_compiling()
+        key = () if fresh else tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        if fresh or self._step_memo is None or self._step_memo[0] != key:
+            co = self.coeffs()
+            derived = (co, co.decay(), self.omega.float())
+            if fresh:
+                return derived
+            self._step_memo = (key, derived)
+        return self._step_memo[1]
+
     def new_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         dtype = torch.complex64 if self.complex_ema else torch.float32
         return torch.zeros(batch_size, self.dim, self.ema_dim, dtype=dtype, device=device)
 
     def forward(self, x_BLD: Tensor, state_BDN: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """EMA over time. Returns (out (B, L, D) in x's dtype, final state (B, D, N))."""
-        co = self.coeffs()
         if x_BLD.shape[1] == 1 and state_BDN is not None:
-            y_BD, state = ema_step(x_BLD[:, 0], co, state_BDN)
+            co, q_DN, omega_D = self.step_coeffs()
+            y_BD, state = ema_step(x_BLD[:, 0], co, state_BDN, q_DN)
             y_BLD = y_BD[:, None]
-            return (y_BLD + self.omega.float() * x_BLD.float()).to(x_BLD.dtype), state
+            return (y_BLD + omega_D * x_BLD.float()).to(x_BLD.dtype), state
+        co = self.coeffs()
         x_BDL = swap_time_channels(x_BLD.float())
         y_BDL, state = ema_chunked(x_BDL, co, self.chunk, state_BDN, skip_D=self.omega)  # ω ⊙ x included
         return swap_time_channels(y_BDL).to(x_BLD.dtype), state

@@ -14,6 +14,9 @@ Design choices (docs/moe.md, 'Design'):
   each; a tiny (T, S) combine matmul carries the gate weights back to the tokens. No sort, no grouped matmul, no
   scatter; zero-computation slots are dropped before any weight is read, so they cost nothing. At batch 1 it reads
   only the chosen experts' weights (index_select copies them once; the copy is what the matmul streams).
+- Eager CPU inference on a few tokens (T·K ≤ E: batch-1 decoding) loops over the chosen experts instead, two
+  `F.linear` each on views of the fused weights (`_looped`): no sort, no copy, and none of the E per-expert
+  matmuls that CPU `_grouped_mm` runs whether an expert has rows or not.
 - Identity experts add w·x (an axpy, no GEMM); null experts add nothing.
 - Monitoring: each forward records the router losses and cheap batch metrics in `aux`; in training mode it also
   accumulates the step's load statistics, which `update_routing()` (once per optimizer step) all-reduces over the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -60,7 +64,7 @@ def moe_reference(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, gate_up_proj
 class Experts(nn.Module):
     """E SwiGLU experts, fused. forward(x, ids, weights) computes the FFN slots (ids < E) and drops the rest."""
 
-    impl = "auto"  # "auto" | "grouped_mm" | "split" | "gathered": a runtime choice (tests, benches), not config
+    impl = "auto"  # "auto" | "grouped_mm" | "split" | "gathered" | "looped": a runtime choice (tests, benches)
 
     def __init__(self, num_experts: int, hidden: int, width: int) -> None:
         super().__init__()
@@ -70,6 +74,8 @@ class Experts(nn.Module):
     def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         if self.uses_gathered(x_TD, ids_TK.shape[1]):
             return self._gathered(x_TD, ids_TK, weights_TK)
+        if self.uses_looped(x_TD, ids_TK.shape[1]):
+            return self._looped(x_TD, ids_TK, weights_TK)
         K, E = ids_TK.shape[1], self.gate_up_proj.shape[0]
         ids_S = ids_TK.flatten()
         order_S = ids_S.argsort(stable=True)  # sort the (token, slot) pairs by expert, once
@@ -89,19 +95,52 @@ class Experts(nn.Module):
         return torch.zeros_like(x_TD).index_add(0, tok_S, run(x_SD, w_S1, counts_E))
 
     def uses_gathered(self, x_TD: Tensor, slots_per_token: int) -> bool:
-        """The gathered path for a few tokens (T·K <= E, so no expert is gathered more often than the grouped path
-        reads it), on CUDA or under torch.compile: there the gather is one device copy and each bmm one kernel (and
-        one graph), where the fp32 fallback is a split loop that launches, and under compile recompiles, per expert
-        count. Eager on CPU "auto" keeps the grouped path: the gather's copy doubles the bytes moved, and at batch 1
-        on cpu-small-moe shapes it measured 256 µs against grouped_mm's 203 (docs/benchmarks.md)."""
+        """The gathered path for a few tokens: on CUDA at T·K <= E (no expert gathered more often than the grouped
+        path reads it; one device copy and one kernel per bmm), and under torch.compile at T·K <= 4E, where it runs
+        with fixed shapes (`_gathered_static`): the alternative there, the fp32 split loop, breaks the graph and
+        recompiles per expert count. cpu-small-moe decoding at batch 8, compiled, measured 8.6 ms/step this way
+        against 22.0 with the split loop (2 threads, quiet machine; docs/benchmarks.md, "Compiled decoding").
+        Eager on CPU "auto" never gathers: the copy doubles the bytes moved (256 µs against grouped_mm's 203 at
+        batch 1), and batch-1 steps take `_looped` instead."""
         if self.impl != "auto":
             return self.impl == "gathered"
+        slots, E = x_TD.shape[0] * slots_per_token, self.gate_up_proj.shape[0]
+        if torch.compiler.is_compiling():  # up to 4E slots (batch-8 decoding): re-reading some experts' weights
+            return slots <= 4 * E  # costs less than the split loop's graph breaks and recompilations
+        return slots <= E and x_TD.device.type == "cuda"
+
+    def uses_looped(self, x_TD: Tensor, slots_per_token: int) -> bool:
+        """The eager CPU inference path for a few tokens (T·K <= E: batch-1 decoding): no autograd, not under
+        torch.compile. Each chosen FFN expert is two `F.linear` on views of the fused weights: no sort, no grouped
+        matmul over all E experts (on CPU `_grouped_mm` runs one matmul per expert, empty or not), no weight copy.
+        Measured in `densa bench moe` (`decode_looped_us` against `decode_grouped_us`; docs/benchmarks.md)."""
+        if self.impl != "auto":
+            return self.impl == "looped"
+        inference = not torch.is_grad_enabled() or not (x_TD.requires_grad or self.gate_up_proj.requires_grad)
         fits = x_TD.shape[0] * slots_per_token <= self.gate_up_proj.shape[0]
-        return fits and (x_TD.device.type == "cuda" or torch.compiler.is_compiling())
+        return fits and inference and x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
+
+    def _looped(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """out_t = Σ_k w_tk · expert_{id_tk}(x_t) over the FFN slots, one token and one chosen expert at a time
+        (one host read of the routing; zero-computation slots are skipped before any weight is touched).
+        Inference-only: the gate weights are read as numbers, so no gradient would reach the router."""
+        if torch.is_grad_enabled() and (x_TD.requires_grad or self.gate_up_proj.requires_grad):
+            raise RuntimeError("Experts.impl='looped' is inference-only; run it under torch.no_grad()")
+        E = self.gate_up_proj.shape[0]
+        out_TD = torch.zeros_like(x_TD)
+        for t, (ids, weights) in enumerate(zip(ids_TK.tolist(), weights_TK.tolist(), strict=True)):
+            x_D, out_D = x_TD[t], out_TD[t]
+            for e, w in zip(ids, weights, strict=True):
+                if e < E:
+                    gate_F, up_F = F.linear(x_D, self.gate_up_proj[e]).chunk(2)
+                    out_D.add_(F.linear(F.silu(gate_F) * up_F, self.down_proj[e]), alpha=w)
+        return out_TD
 
     def _gathered(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """The small-batch path: only the chosen FFN experts' weights are read, in one batched matmul each."""
         T, E = x_TD.shape[0], self.gate_up_proj.shape[0]
+        if torch.compiler.is_compiling():
+            return self._gathered_static(x_TD, ids_TK, weights_TK)
         tok_S, slot_S = (ids_TK < E).nonzero(as_tuple=True)  # the FFN slots; zero-computation ones are dropped here
         if len(tok_S) == 0:
             return torch.zeros_like(x_TD) + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())  # as in forward
@@ -115,6 +154,20 @@ class Experts(nn.Module):
         w_S = weights_TK[tok_S, slot_S].to(x_TD.dtype)
         combine_TS = (tok_S[None, :] == torch.arange(T, device=x_TD.device)[:, None]).to(x_TD.dtype) * w_S
         return combine_TS @ y_SD
+
+    def _gathered_static(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """`_gathered` with fixed shapes, for torch.compile: every one of the T·K slots runs, a zero-computation slot
+        on expert 0 with weight 0. `nonzero` would make the number of FFN slots data-dependent: a graph break in
+        every MoE layer and a recompilation per count, which cost more than the at most K − (FFN slots) extra
+        expert passes of a decoding step (docs/benchmarks.md, "Compiled decoding")."""
+        T, K, E = *ids_TK.shape, self.gate_up_proj.shape[0]
+        ffn_TK = ids_TK < E
+        ids_S = torch.where(ffn_TK, ids_TK, 0).flatten()  # S = T·K
+        w_S = (weights_TK * ffn_TK).flatten().to(x_TD.dtype)
+        x_S1D = x_TD.repeat_interleave(K, dim=0)[:, None, :]
+        gate_S1F, up_S1F = torch.bmm(x_S1D, self.gate_up_proj.index_select(0, ids_S).transpose(1, 2)).chunk(2, -1)
+        y_SD = torch.bmm(F.silu(gate_S1F) * up_S1F, self.down_proj.index_select(0, ids_S).transpose(1, 2))[:, 0]
+        return (w_S[:, None] * y_SD).view(T, K, -1).sum(1)
 
     def uses_grouped_mm(self, x_SD: Tensor) -> bool:
         """`torch._grouped_mm` when available and safe: on CPU (kernel since torch 2.9) with 16-byte-aligned strides
@@ -156,8 +209,20 @@ class Routed:
     """What one MoE forward routed; it travels up through the block into `ModelOutput` (never kept on the module)."""
 
     ffn_experts_BL: Tensor  # (B, L) FFN experts each token used (identity/null slots excluded)
-    metrics: dict[str, Tensor]  # mean_ffn_experts, all_null_rate, maxvio_batch (+ the router losses in training)
+    ids_TK: Tensor  # the slots' expert ids, for the metrics
+    num_experts: int
     aux_loss: Tensor | None = None  # the weighted router losses, training mode only
+
+    @cached_property
+    def metrics(self) -> dict[str, Tensor]:
+        """mean_ffn_experts, all_null_rate, maxvio_batch (+ the router losses in training), computed on first use:
+        a decoding step reads only `ffn_experts_BL`, and these few ops per layer were a tenth of its MoE time."""
+        with torch.no_grad():
+            ffn_T = self.ffn_experts_BL.flatten()
+            counts_E = torch.bincount(self.ids_TK.flatten(), minlength=self.num_experts)[: self.num_experts].double()
+            maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
+        return {"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
+                "maxvio_batch": maxvio.float()}
 
 
 class MoE(nn.Module):
@@ -212,19 +277,16 @@ class MoE(nn.Module):
 
     def _record(self, r: Routing, B: int, L: int) -> Routed:
         E, K = self.num_experts, self.top_k
-        with torch.no_grad():
-            ffn_T = (r.ids_TK < E).sum(-1)
-            counts_E = torch.bincount(r.ids_TK.flatten(), minlength=E)[:E].double()
-            maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
-        routed = Routed(ffn_experts_BL=ffn_T.view(B, L),
-                        metrics={"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
-                                 "maxvio_batch": maxvio.float()})
+        ffn_T = (r.ids_TK < E).sum(-1).detach()
+        routed = Routed(ffn_experts_BL=ffn_T.view(B, L), ids_TK=r.ids_TK.detach(), num_experts=E)
         if not self.training:
             return routed
         losses = self.gate.losses(r, B)
         routed.metrics.update({name: value.detach() for name, (_, value) in losses.items()})
         routed.aux_loss = sum(coef * value for coef, value in losses.values())
         with torch.no_grad():
+            counts_E = torch.bincount(r.ids_TK.flatten(), minlength=E)[:E].double()
+            maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
             probs_TX = r.scores_TX / r.scores_TX.sum(-1, keepdim=True)
             entropy = torch.special.entr(probs_TX).sum() / math.log(probs_TX.shape[-1])
             z_sum = routed.metrics["z_loss"] * len(ffn_T)  # Σ_t logsumexp(logits_t)^2

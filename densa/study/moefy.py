@@ -14,6 +14,11 @@ Validation text: the last book of Gutenberg's training split (never in the calib
 are the first books). Every choice is made on it; the held-out texts (Gutenberg's held-out books, WikiText-2) and
 the benchmarks are scored once per kept variant. Every figure is keyed `<variant>_<measure>`; the rows with the
 validation figures of every candidate are in rows.json.
+Resumable: rerunning the same command with the same `--out` continues a stopped run. Every scored row, conversion
+report and validation choice goes to `OUT/state.json` as it is made; a resumed run takes those as they are (nothing
+is scored twice, so the held-out texts are still scored once per variant), redoes a conversion only where a row still
+needs it, continues a distillation from its last checkpoint and the benchmarks from their last item. A different
+configuration in the same `--out` is refused.
 
 Headline keys (docs/moefy.md): `bpb_increase_at_half_ffn` = held-out bpb / original's − 1 of the MoE variant at 50%
 with the best *validation* bpb (goal <= 0.10; `_variant` names it), `benchmark_drop_at_half_ffn_points` = the
@@ -204,6 +209,8 @@ class Study:
     progress: bool
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     conversions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)  # validation figures behind each choice (shares, pilots)
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)  # rows an earlier run of this study scored
     best_half: str | None = None  # the MoE variant at 50% with the best validation bpb so far (saved for benchmarks)
     saved: dict[str, str] = field(default_factory=dict)
 
@@ -220,11 +227,37 @@ class Study:
         if name in self.cfg.benchmarked:
             self._save(model, name)
         if moe and info.get("budget") == 0.5 and self._beats_best(row):
-            if self.best_half is not None and self.best_half not in self.cfg.benchmarked:
-                shutil.rmtree(self.saved.pop(self.best_half), ignore_errors=True)
-            self.best_half = name
+            self._new_best(name)
             self._save(model, name)
-        (self.out / "rows.partial.json").write_text(json.dumps(self.rows, indent=2) + "\n")  # survives a crash
+        self.save_state()
+
+    def reuse(self, name: str) -> bool:
+        """Take the row `name` as an earlier run of this study scored it, if there is one (resume)."""
+        if name not in self.done:
+            return False
+        row = self.rows[name] = self.done[name]
+        path = self.out / "models" / name
+        if name in self.cfg.benchmarked and path.is_dir():
+            self.saved[name] = str(path)
+        if row.get("budget") == 0.5 and row.get("split") not in (None, "teal") and self._beats_best(row):
+            self._new_best(name)
+            if path.is_dir():
+                self.saved[name] = str(path)
+        self.save_state()
+        return True
+
+    def save_state(self) -> None:
+        """Everything scored and chosen so far, written as it happens: a stopped run resumes from it."""
+        state = {"config": dataclasses.asdict(self.cfg), "rows": self.rows, "conversions": self.conversions,
+                 "memo": self.memo}
+        tmp = self.out / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.out / "state.json")
+
+    def _new_best(self, name: str) -> None:
+        if self.best_half is not None and self.best_half not in self.cfg.benchmarked and self.best_half in self.saved:
+            shutil.rmtree(self.saved.pop(self.best_half), ignore_errors=True)
+        self.best_half = name
 
     def _beats_best(self, row: dict[str, Any]) -> bool:
         return self.best_half is None or row["val_bpb"] < self.rows[self.best_half]["val_bpb"]
@@ -238,24 +271,46 @@ class Study:
         self.saved[name] = str(path)
 
 
+def earlier_run(cfg: StudyConfig, out: Path) -> dict[str, Any] | None:
+    """The state of an earlier run of this study in `out` (None if there is none); a different configuration there
+    is an error, not something to mix with."""
+    path = out / "state.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if state["config"].get(k) != v)
+        raise ValueError(f"{out} holds a moefy study run with other settings ({', '.join(changed)}); use another "
+                         "--out, or the same settings to resume it")
+    return state
+
+
 def run(args: argparse.Namespace, out: Path) -> dict:
     cfg = study_config(args)
     out.mkdir(parents=True, exist_ok=True)
+    before = earlier_run(cfg, out)
     source = resolve(cfg.model)
     tok = source.tokenizer
     texts = {name: encode(tok, corpus_text(corpus, split, 8 * cfg.eval_tokens))[: cfg.eval_tokens + 1]
              for name, (corpus, split) in HELD_OUT.items()}
     st = Study(cfg, out, source.model, tok, texts, {"validation": validation_ids(tok, cfg.val_tokens)},
                calibration_windows(tok, "gutenberg", cfg.calib_tokens, cfg.window), not args.no_progress)
-    st.rows["dense"] = {"val_bpb": st.val_bpb(st.dense), **score(st.dense, tok, texts, cfg.window),
-                        **ms_per_token(st.dense, texts["gutenberg"])}
+    if before is not None:
+        st.done, st.conversions, st.memo = before["rows"], before["conversions"], before["memo"]
+        if st.progress:
+            print(f"resuming the study in {out}: {len(st.done)} rows already scored")
+    if not st.reuse("dense"):
+        st.rows["dense"] = {"val_bpb": st.val_bpb(st.dense), **score(st.dense, tok, texts, cfg.window),
+                            **ms_per_token(st.dense, texts["gutenberg"])}
+        st.save_state()
     for split in cfg.splits:
         _split_arm(st, split)
     if cfg.shared:
         _shared_arms(st)
     if cfg.teal:
         _teal_arm(st)
-    bench = _benchmarks(cfg, st.saved, out, st.progress) if cfg.benchmarks and st.saved else {}
+    bench = (_benchmarks(cfg, st.saved, out, st.progress, resume=before is not None)
+             if cfg.benchmarks and st.saved else {})
     result = _summary(cfg, st, bench)
     (out / "rows.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": st.rows,
                                                "conversions": st.conversions, "benchmarks": bench}, indent=2) + "\n")
@@ -284,22 +339,29 @@ def _convert(st: Study, split: str, shared: float = 0.0) -> tuple[Conversion, di
 def _split_arm(st: Study, split: str) -> None:
     """The conversion as before issue 19, with the optional brief tuning (module docstring)."""
     cfg = st.cfg
-    conversion, st.conversions[split] = _convert(st, split)
     data = prepare_data(st.tok, "gutenberg", 2, st.out / "tune") if cfg.tune_steps and cfg.tuned else None
-    for budget in cfg.budgets:
-        name = f"{split}-b{round(100 * budget)}"
+    names = [f"{split}-b{round(100 * b)}" for b in cfg.budgets]
+    rows = names + [f"{n}-tuned-all" for n in names if n in cfg.tuned_all and data is not None] + [
+        f"{n}-tuned" for n in names if n in cfg.tuned and data is not None]
+    if split in st.conversions and all(st.reuse(name) for name in rows):
+        return  # a resumed run that had finished this arm
+    conversion, info = _convert(st, split)
+    st.conversions[split] = {**info, **st.conversions.get(split, {})}  # a resumed run keeps the first report
+    for budget, name in zip(cfg.budgets, names, strict=True):
         model = with_budget(conversion, budget)
-        st.add(name, model, split=split, budget=budget, tuned=False)
-        if budget == 1.0:
+        if not st.reuse(name):
+            st.add(name, model, split=split, budget=budget, tuned=False)
+        if budget == 1.0 and "all_experts_greedy_identical" not in st.conversions[split]:
             st.conversions[split] |= exactness(st.dense, model, st.texts, cfg.window)
-        if name in cfg.tuned_all and data is not None:
+            st.save_state()
+        if name in cfg.tuned_all and data is not None and not st.reuse(f"{name}-tuned-all"):
             tuned_all = with_budget(conversion, budget)
             tc = TuneConfig(steps=cfg.tune_steps, mode="all", lr=cfg.tune_all_lr, batch_size=cfg.tune_batch,
                             context=cfg.tune_context, seed=cfg.seed)
             report = tune(tuned_all, data, st.out / "tune" / f"{name}-all", tc, st.progress)
             st.add(f"{name}-tuned-all", tuned_all, split=split, budget=budget, tuned="all", **report)
             del tuned_all
-        if name in cfg.tuned and data is not None:
+        if name in cfg.tuned and data is not None and not st.reuse(f"{name}-tuned"):
             tc = TuneConfig(steps=cfg.tune_steps, mode=cfg.tune_mode, lr=cfg.tune_lr, batch_size=cfg.tune_batch,
                             context=cfg.tune_context, seed=cfg.seed)
             report = tune(model, data, st.out / "tune" / name, tc, st.progress)
@@ -316,52 +378,63 @@ def _shared_arms(st: Study) -> None:
     """+ shared experts (share chosen on validation), then + distillation (settings chosen on validation)."""
     cfg = st.cfg
     at = _pick_budget(cfg.budgets)
-    candidates: dict[float, float] = {}
-    chosen: tuple[float, Conversion, dict[str, Any]] | None = None
-    for share in cfg.shared:
-        if share > at:
-            continue
-        conversion, info = _convert(st, "cluster", share)
-        candidates[share] = st.val_bpb(with_budget(conversion, at))
-        if chosen is None or candidates[share] < candidates[chosen[0]]:
-            chosen = (share, conversion, info)
-        del conversion
-    if chosen is None:
+    shares = [s for s in cfg.shared if s <= at]
+    if not shares:
         return
-    share, conversion, info = chosen
-    st.conversions["shared"] = {**info, "share": share, "shared_experts": conversion.report["shared_experts"],
-                                "validation_bpb_by_share": {str(k): v for k, v in candidates.items()}}
+    candidates = {float(k): v for k, v in st.memo.get("shared_validation_bpb", {}).items()}
+    for share in (s for s in shares if s not in candidates):
+        conversion, _ = _convert(st, "cluster", share)
+        candidates[share] = st.val_bpb(with_budget(conversion, at))
+        st.memo["shared_validation_bpb"] = {str(k): v for k, v in candidates.items()}
+        st.save_state()
+        del conversion
+    share = min(shares, key=lambda s: candidates[s])
     budgets = [b for b in cfg.budgets if b >= share]
+    distilled = [b for b in budgets if b < 1] if cfg.distill_steps else []
+    names = [f"shared-b{round(100 * b)}" for b in budgets] + [f"shared-b{round(100 * b)}-distilled" for b in distilled]
+    if "shared" in st.conversions and all(st.reuse(name) for name in names):
+        return  # a resumed run that had finished this arm
+    conversion, info = _convert(st, "cluster", share)  # deterministic: the chosen candidate again
+    st.conversions["shared"] = {**info, "share": share, "shared_experts": conversion.report["shared_experts"],
+                                "validation_bpb_by_share": {str(k): candidates[k] for k in shares},
+                                **st.conversions.get("shared", {})}
     for budget in budgets:
         model = with_budget(conversion, budget)
-        st.add(f"shared-b{round(100 * budget)}", model, split="shared", budget=budget, tuned=False, shared=share)
-        if budget == 1.0:
+        name = f"shared-b{round(100 * budget)}"
+        if not st.reuse(name):
+            st.add(name, model, split="shared", budget=budget, tuned=False, shared=share)
+        if budget == 1.0 and "all_experts_greedy_identical" not in st.conversions["shared"]:
             st.conversions["shared"] |= exactness(st.dense, model, st.texts, cfg.window)
-    if not cfg.distill_steps:
+            st.save_state()
+    if not distilled:
         return
     steps = max(cfg.distill_steps, cfg.distill_pilot_steps)
     text = calibration_windows(st.tok, "gutenberg", steps * cfg.distill_batch * cfg.distill_context,
                                cfg.distill_context, skip=int(st.windows.numel()))
-    pilots: list[dict[str, Any]] = []
+    pilots: list[dict[str, Any]] = st.memo.setdefault("distill_pilots", [])
     if len(cfg.distill_grid) > 1:
-        for i, entry in enumerate(cfg.distill_grid):
+        for i, entry in enumerate(cfg.distill_grid[len(pilots):], start=len(pilots)):
             model = with_budget(conversion, at)
             report = distill(model, st.dense, text, st.out / "distill" / f"pilot-{i}",
-                             _distill_config(cfg, entry, cfg.distill_pilot_steps, eval_every=0), progress=st.progress)
+                             _distill_config(cfg, entry, cfg.distill_pilot_steps, eval_every=0),
+                             resume=True, progress=st.progress)
             pilots.append({**entry, "val_bpb": st.val_bpb(model), "cpu_seconds": report["distill_cpu_seconds"]})
+            st.save_state()
             del model
         best = min(pilots, key=lambda p: p["val_bpb"])
         entry = {k: best[k] for k in cfg.distill_grid[0]}
     else:
         entry = cfg.distill_grid[0]
     st.conversions["distill"] = {"pilots": pilots, "chosen": entry}
-    for budget in (b for b in budgets if b < 1):
+    for budget in distilled:
+        name = f"shared-b{round(100 * budget)}-distilled"
+        if st.reuse(name):
+            continue
         model = with_budget(conversion, budget)
         dc = _distill_config(cfg, entry, cfg.distill_steps, eval_every=cfg.distill_eval_every)
         report = distill(model, st.dense, text, st.out / "distill" / f"b{round(100 * budget)}", dc,
-                         validate=st.val_bpb, progress=st.progress)
-        st.add(f"shared-b{round(100 * budget)}-distilled", model, split="shared", budget=budget, tuned="distilled",
-               shared=share, **report)
+                         validate=st.val_bpb, resume=True, progress=st.progress)
+        st.add(name, model, split="shared", budget=budget, tuned="distilled", shared=share, **report)
         del model
 
 
@@ -374,8 +447,11 @@ def _distill_config(cfg: StudyConfig, entry: dict, steps: int, eval_every: int) 
 
 def _teal_arm(st: Study) -> None:
     """The neuron-level baseline at sparsity 1 − budget, thresholds from the calibration windows."""
+    budgets = [b for b in st.cfg.budgets if b < 1 and not st.reuse(f"teal-b{round(100 * b)}")]
+    if not budgets:
+        return
     inputs = ffn_inputs(st.dense, st.windows, progress=st.progress)
-    for budget in (b for b in st.cfg.budgets if b < 1):
+    for budget in budgets:
         thresholds = teal.calibrate(st.dense, st.windows, 1 - budget, inputs=inputs)
         model = teal.teal_model(st.dense, thresholds)
         st.add(f"teal-b{round(100 * budget)}", model, moe=False, split="teal", budget=budget, tuned=False,
@@ -387,13 +463,14 @@ def _mean(layers: list[dict[str, Any]], key: str) -> float:
     return sum(r[key] for r in layers) / len(layers)
 
 
-def _benchmarks(cfg: StudyConfig, saved: dict[str, str], out: Path, progress: bool) -> dict[str, dict[str, Any]]:
+def _benchmarks(cfg: StudyConfig, saved: dict[str, str], out: Path, progress: bool,
+                resume: bool = False) -> dict[str, dict[str, Any]]:
     """Accuracy, ms/token and Intelligence Density of the original and the saved variants (densa.eval.api)."""
     from densa.eval.api import evaluate
 
     labels = {cfg.model: "dense", **{path: name for name, path in saved.items()}}
     records = evaluate(list(labels), list(cfg.benchmarks), dict(cfg.benchmarks), out / "eval", seed=cfg.seed,
-                       batch_size=4, progress=progress, labels=labels)
+                       batch_size=4, progress=progress, labels=labels, resume=resume)
     bench: dict[str, dict[str, Any]] = {}
     for r in records:
         density = (r.get("intelligence_density") or {}).get("per_gflop")
