@@ -83,16 +83,20 @@ def build_model(kind: str, cfg: ModelConfig, max_len: int, dense_cfg: ModelConfi
 
 
 @torch.no_grad()
-def time_steps(dec, ids_BT: torch.Tensor, context: int, steps: int, warmup: int) -> float:
-    """Median seconds of one decode step after prefilling `context` tokens of `ids_BT`."""
+def time_steps(dec, ids_BT: torch.Tensor, context: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Median seconds of one decode step after prefilling `context` tokens of `ids_BT`, and the CPU seconds per wall
+    second over the timed steps only (a compile during prefill or warm-up runs in inductor's worker processes, whose
+    CPU time is not this process's, so counting it would read as a busy machine)."""
     dec.prefill(ids_BT[:, :context])
     times = []
     for i in range(warmup + steps):
+        if i == warmup:
+            cpu0, wall0 = time.process_time(), time.perf_counter()
         start = time.perf_counter()
         dec.step(ids_BT[:, context + i : context + i + 1])
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), (time.process_time() - cpu0) / (time.perf_counter() - wall0)
 
 
 def run_cases(cfg: ModelConfig, contexts: tuple[int, ...], steps: int, warmup: int = 4,
@@ -116,15 +120,16 @@ def run_cases(cfg: ModelConfig, contexts: tuple[int, ...], steps: int, warmup: i
         models = {kind: build_model(kind, cfg, max_len, dense_cfg) for kind in kinds}
         for model in models.values():
             prepare(model, mode)
-        decoders = {kind: decoder(kind, model, mode, max_len) for kind, model in models.items()}
         for batch in batches:
             for context in contexts:  # the models take turns at each case, so ratios compare close-in-time runs
                 gen = torch.Generator().manual_seed(context)
                 ids_BT = torch.randint(0, cfg.vocab_size, (batch, context + warmup + steps), generator=gen)
+                # each case reserves what it uses: a compiled dense step attends over its whole static buffer, so
+                # one sized for the longest context would handicap the short ones (densa's ring is c slots anyway)
+                case_len = context + warmup + steps
+                decoders = {kind: decoder(kind, model, mode, case_len) for kind, model in models.items()}
                 for kind, dec in decoders.items():
-                    cpu0, wall0 = time.process_time(), time.perf_counter()
-                    seconds = time_steps(dec, ids_BT, context, steps, warmup)
-                    busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+                    seconds, busy = time_steps(dec, ids_BT, context, steps, warmup)
                     case = f"{kind}_{mode}_b{batch}_{label(context)}"
                     result[f"{case}_ms"] = round(1000 * seconds, 3)
                     flops = batch * roofline.step_flops(configs[kind], context)
