@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from densa.model.ema import DampedEMA, ema_chunked, ema_fft, ema_reference, ema_step
+from densa.model.ema import DampedEMA, ema_chunked, ema_fft, ema_reference, ema_step, swap_time_channels
 
 
 @pytest.mark.parametrize("complex_ema", [False, True], ids=["real", "complex"])
@@ -57,6 +57,16 @@ def test_decoding_reuses_step_coefficients_until_a_parameter_changes(complex_ema
         torch.testing.assert_close(ema(x, state)[0][:, 0], expected(ema))
         ema.load_state_dict(other.state_dict())
         torch.testing.assert_close(ema(x, state)[0][:, 0], expected(other))
+        long = torch.randn(2, 40, 8)  # a prefill: the chunk powers are kept too, and renewed the same way
+
+        def chunked(module):
+            y, s = ema_chunked(swap_time_channels(long), module.coeffs(), 16, skip_D=module.omega)
+            return swap_time_channels(y), s
+
+        for _ in range(2):
+            for got, want in zip(ema(long), chunked(ema), strict=True):
+                torch.testing.assert_close(got, want)
+            ema.delta.mul_(0.5)
     y, _ = ema(x.requires_grad_(), state)  # with autograd: computed afresh, gradients reach the parameters
     y.sum().backward()
     assert ema.alpha.grad is not None
