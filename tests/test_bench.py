@@ -100,6 +100,27 @@ def test_packed_linear_agrees_with_f_linear(rows: int) -> None:
     assert grad_x.grad is not None and linear.weight.grad is not None
 
 
+@pytest.mark.parametrize("mixer", ["attention", "mega"])
+def test_fused_sibling_projections_agree_with_the_separate_ones(mixer) -> None:
+    """pack_linears stacks q/k/v and gate/up into one packed matmul each; the forward is unchanged, state_dict too,
+    and autograd takes the separate projections."""
+    torch.manual_seed(0)
+    model = DensaModel(from_preset("tiny", mixer=mixer, ffn="swiglu")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    keys = set(model.state_dict())
+    fastlinear.pack_linears(model)
+    fused = [m for m in model.modules() if isinstance(getattr(m, "fused", None), fastlinear.FusedPacked)]
+    assert len(fused) == model.config.num_hidden_layers * (2 if mixer == "attention" else 1)
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    assert not fused[0].fused.usable(torch.randn(1, 4, requires_grad=True))  # autograd: the separate path
+    fastlinear.unpack_linears(model)
+    assert not any(hasattr(m, "fused") for m in model.modules())
+
+
 def test_pack_and_unpack_keep_parameters_and_tying() -> None:
     model = DensaModel(from_preset("tiny"))
     keys = set(model.state_dict())

@@ -12,12 +12,15 @@ from torch import Tensor, nn
 
 from densa.config import ModelConfig
 from densa.model.cache import KVLayerCache, Positions
+from densa.model.fastlinear import fused_outputs
 from densa.model.ffn import apply_ffn, build_mlp
 from densa.model.layers import RMSNorm, Rotary
 from densa.model.moe import Routed
 
 
 class CausalSelfAttention(nn.Module):
+    fusable = ("q_proj", "k_proj", "v_proj")  # one packed matmul in inference (densa/model/fastlinear.py)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         D, H, Hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -31,9 +34,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x_BTD: Tensor, pos: Positions, cache: KVLayerCache | None = None) -> Tensor:
         B, T, _ = x_BTD.shape
         H, Hkv, d = self.heads, self.kv_heads, self.head_dim
-        q = self.q_proj(x_BTD).view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x_BTD).view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
-        v = self.v_proj(x_BTD).view(B, T, Hkv, d).transpose(1, 2)
+        q, k, v = fused_outputs(self, x_BTD)
+        q = q.reshape(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
+        k = k.reshape(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        v = v.reshape(B, T, Hkv, d).transpose(1, 2)
         q, k = self.rotary(q, pos.ids_BT), self.rotary(k, pos.ids_BT)  # per-row positions (left padding)
         valid = pos.valid_BT  # (B, T) False at padding, or None when there is none
         if cache is not None and T == 1 and valid is None and cache.k is not None:  # decoding: in place

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densa.model.fastlinear import fused_outputs
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale (Llama). Computed in fp32, cast back to the input dtype."""
@@ -72,6 +74,8 @@ class TimestepNorm(nn.Module):
 class SwiGLU(nn.Module):
     """Gated FFN of Llama: down(silu(gate(x)) * up(x)). Names match HF Llama so weights map 1:1."""
 
+    fusable = ("gate_proj", "up_proj")  # one packed matmul in inference (densa/model/fastlinear.py)
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -79,7 +83,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_outputs(self, x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Rotary(nn.Module):
