@@ -4,7 +4,7 @@
 
 The study times each variant while it runs, which on a shared machine compares measurements made minutes apart
 under different loads. This script times, in one process and taking turns, the original (`model` of the run's
-config), the run's saved 50% MoE variant (`DIR/models/<variant>`, the one the study benchmarked) and TEAL at
+config), the run's 50% MoE headline (the best validation bits/byte, saved in `DIR/models/<variant>`) and TEAL at
 sparsity 0.5 (thresholds calibrated again on the study's calibration windows: deterministic), each through the fast
 path the study uses (`densa.moefy.measure.ms_per_token`), and keeps each model's fastest round. Speedups are the
 original's ms/token over the variant's, as in the study's `prefill_speedup_at_half_ffn` / `decode_speedup_...`.
@@ -33,10 +33,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; each model keeps its fastest")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = json.loads((args.run / "state.json").read_text())["config"]
-    saved = sorted(p for p in (args.run / "models").iterdir() if "-b50" in p.name)
-    if not saved:
-        raise SystemExit(f"{args.run}/models holds no saved 50% variant")
+    state = json.loads((args.run / "state.json").read_text())
+    cfg = state["config"]
+    halves = {name: row["val_bpb"] for name, row in state["rows"].items()
+              if row.get("budget") == 0.5 and row.get("split") not in (None, "teal")}
+    if not halves:
+        raise SystemExit(f"{args.run}/state.json holds no 50% MoE variant")
+    best = min(halves, key=halves.get)  # the study's headline: the best validation bits/byte at 50%
+    saved = [args.run / "models" / best]
+    if not saved[0].is_dir():
+        raise SystemExit(f"{saved[0]}: the study did not save its 50% headline variant (benchmarks off?)")
     original = resolve(cfg["model"])
     tok = original.tokenizer
     ids = encode(tok, corpus_text("gutenberg", "valid", 8 * 512))[:512]  # the study's held-out Gutenberg text

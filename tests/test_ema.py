@@ -67,6 +67,15 @@ def test_decoding_reuses_step_coefficients_until_a_parameter_changes(complex_ema
             for got, want in zip(ema(long), chunked(ema), strict=True):
                 torch.testing.assert_close(got, want)
             ema.delta.mul_(0.5)
+        kept = ema.step_coeffs()
+        ema.alpha.data.copy_(ema.alpha.data + 0.5)  # behind the version counter: clear_kept, or a mode switch
+        ema.clear_kept()
+        torch.testing.assert_close(ema(x, state)[0][:, 0], expected(ema))
+        assert ema.step_coeffs() is not kept and ema.train().step_coeffs() is not ema.eval().step_coeffs()
+    with torch.inference_mode():  # inference tensors have no version counter: computed each time
+        frozen = DampedEMA(dim=8, ema_dim=4, chunk=16, complex_ema=complex_ema)
+        frozen.load_state_dict(ema.state_dict())
+        torch.testing.assert_close(frozen(x, state)[0][:, 0], expected(ema))
     y, _ = ema(x.requires_grad_(), state)  # with autograd: computed afresh, gradients reach the parameters
     y.sum().backward()
     assert ema.alpha.grad is not None

@@ -112,6 +112,12 @@ def test_eager_cpu_decoding_loops_over_the_chosen_experts():
     layer.experts.impl = "looped"  # forced with autograd on: refused (it carries no gradient to the router)
     with pytest.raises(RuntimeError, match="inference-only"):
         layer.experts(one, r.ids_TK, r.weights_TK)
+    layer.experts.impl = "auto"
+    for p in layer.experts.parameters():  # frozen experts, trainable router: the router's gradient needs the
+        p.requires_grad_(False)  # grouped path, so the looped one is not taken
+    r_grad = layer.gate(one)
+    assert r_grad.weights_TK.requires_grad
+    torch.autograd.grad(layer.experts(one, r_grad.ids_TK, r_grad.weights_TK).sum(), layer.gate.weight)
 
 
 def test_grouped_mm_is_used_only_when_aligned():

@@ -305,17 +305,29 @@ class DampedEMA(nn.Module):
                          gamma_DN=torch.view_as_complex(self.gamma.float().contiguous()) * scale)
 
     def kept(self, tag: str, extra: tuple, make: Callable[[], Any]) -> Any:
-        """make(), kept between calls without autograd and outside torch.compile until a parameter changes (its
-        storage or version counter, which every in-place update such as an optimizer step or `load_state_dict`
-        bumps) or `extra` does. In eager inference the ~20 small ops that derive the step's coefficients from the
-        parameters cost as much as the step's recurrence, and a prefill's chunk powers about a fifth of it."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        """make(), kept between calls without autograd and outside torch.compile until a parameter changes or
+        `extra` does. In eager inference the ~20 small ops that derive the step's coefficients from the parameters
+        cost as much as the step's recurrence, and a prefill's chunk powers about a fifth of it. A change is seen
+        through each parameter's storage and version counter (bumped by `optimizer.step()` of torch's default
+        optimizers, `load_state_dict` and any in-place op) and by `train()`/`eval()`, which empty the memo; updates
+        that bypass the counter (`param.data.copy_`, fused optimizer kernels) need `clear_kept()` before inference
+        unless a mode switch follows them. Inference tensors (torch.inference_mode) have no counter: no memo."""
+        params = list(self.parameters())
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(p.is_inference() for p in params):
             return make()
-        key = (extra, *((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters()))
+        key = (extra, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         held = self._memo.get(tag)
         if held is None or held[0] != key:
             held = self._memo[tag] = (key, make())
         return held[1]
+
+    def clear_kept(self) -> None:
+        """Forget what `kept` holds (after changing parameters behind their version counter)."""
+        self._memo.clear()
+
+    def train(self, mode: bool = True) -> DampedEMA:
+        self._memo.clear()  # a trainer's eval/train switches bracket every change of the weights
+        return super().train(mode)
 
     def step_coeffs(self) -> tuple[EmaCoeffs, Tensor, Tensor]:
         """(coefficients, decay q (D, N), ω in fp32) for a decoding step (kept: see `kept`)."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -74,7 +73,7 @@ class Experts(nn.Module):
     def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         if self.uses_gathered(x_TD, ids_TK.shape[1]):
             return self._gathered(x_TD, ids_TK, weights_TK)
-        if self.uses_looped(x_TD, ids_TK.shape[1]):
+        if not weights_TK.requires_grad and self.uses_looped(x_TD, ids_TK.shape[1]):  # (router gradient: no)
             return self._looped(x_TD, ids_TK, weights_TK)
         K, E = ids_TK.shape[1], self.gate_up_proj.shape[0]
         ids_S = ids_TK.flatten()
@@ -105,9 +104,10 @@ class Experts(nn.Module):
         if self.impl != "auto":
             return self.impl == "gathered"
         slots, E = x_TD.shape[0] * slots_per_token, self.gate_up_proj.shape[0]
-        if torch.compiler.is_compiling():  # up to 4E slots (batch-8 decoding): re-reading some experts' weights
-            return slots <= 4 * E  # costs less than the split loop's graph breaks and recompilations
-        return slots <= E and x_TD.device.type == "cuda"
+        compiling, cpu = torch.compiler.is_compiling(), x_TD.device.type == "cpu"
+        # compiled on CPU, up to 4E slots (batch-8 decoding): re-reading some experts' weights costs less than the
+        # split loop's graph breaks and recompilations (measured on CPU only; CUDA keeps E)
+        return slots <= (4 * E if compiling and cpu else E) and (compiling or x_TD.device.type == "cuda")
 
     def uses_looped(self, x_TD: Tensor, slots_per_token: int) -> bool:
         """The eager CPU inference path for a few tokens (T·K <= E: batch-1 decoding): no autograd, not under
@@ -124,7 +124,8 @@ class Experts(nn.Module):
         """out_t = Σ_k w_tk · expert_{id_tk}(x_t) over the FFN slots, one token and one chosen expert at a time
         (one host read of the routing; zero-computation slots are skipped before any weight is touched).
         Inference-only: the gate weights are read as numbers, so no gradient would reach the router."""
-        if torch.is_grad_enabled() and (x_TD.requires_grad or self.gate_up_proj.requires_grad):
+        if torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad
+                                        or self.gate_up_proj.requires_grad):
             raise RuntimeError("Experts.impl='looped' is inference-only; run it under torch.no_grad()")
         E = self.gate_up_proj.shape[0]
         out_TD = torch.zeros_like(x_TD)
@@ -212,17 +213,21 @@ class Routed:
     ids_TK: Tensor  # the slots' expert ids, for the metrics
     num_experts: int
     aux_loss: Tensor | None = None  # the weighted router losses, training mode only
+    _metrics: dict[str, Tensor] | None = None
 
-    @cached_property
+    @property
     def metrics(self) -> dict[str, Tensor]:
         """mean_ffn_experts, all_null_rate, maxvio_batch (+ the router losses in training), computed on first use:
         a decoding step reads only `ffn_experts_BL`, and these few ops per layer were a tenth of its MoE time."""
-        with torch.no_grad():
-            ffn_T = self.ffn_experts_BL.flatten()
-            counts_E = torch.bincount(self.ids_TK.flatten(), minlength=self.num_experts)[: self.num_experts].double()
-            maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
-        return {"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
-                "maxvio_batch": maxvio.float()}
+        if self._metrics is None:
+            with torch.no_grad():
+                ffn_T = self.ffn_experts_BL.flatten()
+                E = self.num_experts
+                counts_E = torch.bincount(self.ids_TK.flatten(), minlength=E)[:E].double()
+                maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
+            self._metrics = {"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
+                             "maxvio_batch": maxvio.float()}
+        return self._metrics
 
 
 class MoE(nn.Module):

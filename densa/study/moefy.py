@@ -226,10 +226,13 @@ class Study:
         self.rows[name] = row
         if name in self.cfg.benchmarked:
             self._save(model, name)
+        superseded = None
         if moe and info.get("budget") == 0.5 and self._beats_best(row):
-            self._new_best(name)
+            superseded = self._new_best(name)
             self._save(model, name)
         self.save_state()
+        if superseded:  # only once the new headline's model and row are safe on disk
+            shutil.rmtree(superseded, ignore_errors=True)
 
     def reuse(self, name: str) -> bool:
         """Take the row `name` as an earlier run of this study scored it, if there is one (resume)."""
@@ -239,11 +242,14 @@ class Study:
         path = self.out / "models" / name
         if name in self.cfg.benchmarked and path.is_dir():
             self.saved[name] = str(path)
+        superseded = None
         if row.get("budget") == 0.5 and row.get("split") not in (None, "teal") and self._beats_best(row):
-            self._new_best(name)
+            superseded = self._new_best(name)
             if path.is_dir():
                 self.saved[name] = str(path)
         self.save_state()
+        if superseded:
+            shutil.rmtree(superseded, ignore_errors=True)
         return True
 
     def save_state(self) -> None:
@@ -254,10 +260,12 @@ class Study:
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         tmp.replace(self.out / "state.json")
 
-    def _new_best(self, name: str) -> None:
-        if self.best_half is not None and self.best_half not in self.cfg.benchmarked and self.best_half in self.saved:
-            shutil.rmtree(self.saved.pop(self.best_half), ignore_errors=True)
-        self.best_half = name
+    def _new_best(self, name: str) -> str | None:
+        """Make `name` the headline candidate; returns the saved model folder it supersedes (to delete), if any."""
+        old, self.best_half = self.best_half, name
+        if old is not None and old not in self.cfg.benchmarked and old in self.saved:
+            return self.saved.pop(old)
+        return None
 
     def _beats_best(self, row: dict[str, Any]) -> bool:
         return self.best_half is None or row["val_bpb"] < self.rows[self.best_half]["val_bpb"]
@@ -279,7 +287,8 @@ def earlier_run(cfg: StudyConfig, out: Path) -> dict[str, Any] | None:
         return None
     state = json.loads(path.read_text())
     if state["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
-        changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if state["config"].get(k) != v)
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        changed = sorted(k for k in set(now) | set(state["config"]) if state["config"].get(k) != now.get(k))
         raise ValueError(f"{out} holds a moefy study run with other settings ({', '.join(changed)}); use another "
                          "--out, or the same settings to resume it")
     return state
@@ -341,10 +350,12 @@ def _split_arm(st: Study, split: str) -> None:
     cfg = st.cfg
     data = prepare_data(st.tok, "gutenberg", 2, st.out / "tune") if cfg.tune_steps and cfg.tuned else None
     names = [f"{split}-b{round(100 * b)}" for b in cfg.budgets]
-    rows = names + [f"{n}-tuned-all" for n in names if n in cfg.tuned_all and data is not None] + [
-        f"{n}-tuned" for n in names if n in cfg.tuned and data is not None]
-    if split in st.conversions and all(st.reuse(name) for name in rows):
-        return  # a resumed run that had finished this arm
+    rows = [r for n in names for r in (n, *([f"{n}-tuned-all"] if n in cfg.tuned_all and data is not None else []),
+                                       *([f"{n}-tuned"] if n in cfg.tuned and data is not None else []))]
+    report = st.conversions.get(split, {})
+    if report and (1.0 not in cfg.budgets or "all_experts_greedy_identical" in report) and all(
+            st.reuse(name) for name in rows):
+        return  # a resumed run that had finished this arm (in the loop's order)
     conversion, info = _convert(st, split)
     st.conversions[split] = {**info, **st.conversions.get(split, {})}  # a resumed run keeps the first report
     for budget, name in zip(cfg.budgets, names, strict=True):
@@ -382,19 +393,28 @@ def _shared_arms(st: Study) -> None:
     if not shares:
         return
     candidates = {float(k): v for k, v in st.memo.get("shared_validation_bpb", {}).items()}
+    best: tuple[float, Conversion, dict[str, Any]] | None = None  # the best candidate converted in this process
     for share in (s for s in shares if s not in candidates):
-        conversion, _ = _convert(st, "cluster", share)
+        conversion, info = _convert(st, "cluster", share)
         candidates[share] = st.val_bpb(with_budget(conversion, at))
         st.memo["shared_validation_bpb"] = {str(k): v for k, v in candidates.items()}
         st.save_state()
+        if best is None or candidates[share] < candidates[best[0]]:
+            best = (share, conversion, info)
         del conversion
     share = min(shares, key=lambda s: candidates[s])
     budgets = [b for b in cfg.budgets if b >= share]
     distilled = [b for b in budgets if b < 1] if cfg.distill_steps else []
     names = [f"shared-b{round(100 * b)}" for b in budgets] + [f"shared-b{round(100 * b)}-distilled" for b in distilled]
-    if "shared" in st.conversions and all(st.reuse(name) for name in names):
+    report = st.conversions.get("shared", {})
+    if report and (1.0 not in budgets or "all_experts_greedy_identical" in report) and all(
+            st.reuse(name) for name in names):
         return  # a resumed run that had finished this arm
-    conversion, info = _convert(st, "cluster", share)  # deterministic: the chosen candidate again
+    if best is not None and best[0] == share:
+        _, conversion, info = best
+    else:  # a resumed run: the chosen candidate again (conversion is deterministic)
+        conversion, info = _convert(st, "cluster", share)
+    del best
     st.conversions["shared"] = {**info, "share": share, "shared_experts": conversion.report["shared_experts"],
                                 "validation_bpb_by_share": {str(k): candidates[k] for k in shares},
                                 **st.conversions.get("shared", {})}
