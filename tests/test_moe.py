@@ -102,10 +102,11 @@ def test_eager_cpu_decoding_loops_over_the_chosen_experts():
     E, K, D = layer.num_experts, layer.top_k, layer.experts.gate_up_proj.shape[2]
     one, many = torch.randn(1, D), torch.randn(2 * E // K, D)
     with torch.no_grad():
-        assert layer.experts.uses_looped(one, K) and not layer.experts.uses_looped(many, K)
-        r = layer.gate(one)
+        r, r_many = layer.gate(one), layer.gate(many)
+        assert layer.experts.uses_looped(one, r.weights_TK)
+        assert not layer.experts.uses_looped(many, r_many.weights_TK)
         out = layer.experts(one, r.ids_TK, r.weights_TK)
-    assert not layer.experts.uses_looped(one, K)  # autograd on: the grouped path
+    assert not layer.experts.uses_looped(one, r.weights_TK)  # autograd on: the grouped path
     ids_TK = r.ids_TK.clamp(max=E)  # identity experts are MoE.forward's part
     ref = moe_reference(one, ids_TK, r.weights_TK, layer.experts.gate_up_proj, layer.experts.down_proj, num_null=1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -116,7 +117,7 @@ def test_eager_cpu_decoding_loops_over_the_chosen_experts():
     for p in layer.experts.parameters():  # frozen experts, trainable router: the router's gradient needs the
         p.requires_grad_(False)  # grouped path, so the looped one is not taken
     r_grad = layer.gate(one)
-    assert r_grad.weights_TK.requires_grad
+    assert r_grad.weights_TK.requires_grad and not layer.experts.uses_looped(one, r_grad.weights_TK)
     torch.autograd.grad(layer.experts(one, r_grad.ids_TK, r_grad.weights_TK).sum(), layer.gate.weight)
 
 

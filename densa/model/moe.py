@@ -73,7 +73,7 @@ class Experts(nn.Module):
     def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         if self.uses_gathered(x_TD, ids_TK.shape[1]):
             return self._gathered(x_TD, ids_TK, weights_TK)
-        if not weights_TK.requires_grad and self.uses_looped(x_TD, ids_TK.shape[1]):  # (router gradient: no)
+        if self.uses_looped(x_TD, weights_TK):
             return self._looped(x_TD, ids_TK, weights_TK)
         K, E = ids_TK.shape[1], self.gate_up_proj.shape[0]
         ids_S = ids_TK.flatten()
@@ -109,23 +109,27 @@ class Experts(nn.Module):
         # split loop's graph breaks and recompilations (measured on CPU only; CUDA keeps E)
         return slots <= (4 * E if compiling and cpu else E) and (compiling or x_TD.device.type == "cuda")
 
-    def uses_looped(self, x_TD: Tensor, slots_per_token: int) -> bool:
-        """The eager CPU inference path for a few tokens (T·K <= E: batch-1 decoding): no autograd, not under
-        torch.compile. Each chosen FFN expert is two `F.linear` on views of the fused weights: no sort, no grouped
-        matmul over all E experts (on CPU `_grouped_mm` runs one matmul per expert, empty or not), no weight copy.
-        Measured in `densa bench moe` (`decode_looped_us` against `decode_grouped_us`; docs/benchmarks.md)."""
+    def uses_looped(self, x_TD: Tensor, weights_TK: Tensor) -> bool:
+        """The eager CPU inference path for a few tokens (T·K <= E: batch-1 decoding): no gradient needed (to the
+        input, the experts or the router's gate weights), not under torch.compile. Each chosen FFN expert is two
+        `F.linear` on views of the fused weights: no sort, no grouped matmul over all E experts (on CPU
+        `_grouped_mm` runs one matmul per expert, empty or not), no weight copy. Measured in `densa bench moe`
+        (`decode_looped_us` against `decode_grouped_us`; docs/benchmarks.md)."""
         if self.impl != "auto":
             return self.impl == "looped"
-        inference = not torch.is_grad_enabled() or not (x_TD.requires_grad or self.gate_up_proj.requires_grad)
-        fits = x_TD.shape[0] * slots_per_token <= self.gate_up_proj.shape[0]
-        return fits and inference and x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
+        fits = weights_TK.numel() <= self.gate_up_proj.shape[0]
+        return (fits and not self._needs_grad(x_TD, weights_TK) and x_TD.device.type == "cpu"
+                and not torch.compiler.is_compiling())
+
+    def _needs_grad(self, x_TD: Tensor, weights_TK: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad
+                                            or self.gate_up_proj.requires_grad)
 
     def _looped(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """out_t = Σ_k w_tk · expert_{id_tk}(x_t) over the FFN slots, one token and one chosen expert at a time
         (one host read of the routing; zero-computation slots are skipped before any weight is touched).
         Inference-only: the gate weights are read as numbers, so no gradient would reach the router."""
-        if torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad
-                                        or self.gate_up_proj.requires_grad):
+        if self._needs_grad(x_TD, weights_TK):
             raise RuntimeError("Experts.impl='looped' is inference-only; run it under torch.no_grad()")
         E = self.gate_up_proj.shape[0]
         out_TD = torch.zeros_like(x_TD)
@@ -205,6 +209,12 @@ class Experts(nn.Module):
         return torch.cat(ys)
 
 
+def expert_load(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(tokens per FFN expert (E,) in fp64, maxvio = (max − mean) / mean load) of one forward's routing."""
+    counts_E = torch.bincount(ids_TK.flatten(), minlength=num_experts)[:num_experts].double()
+    return counts_E, (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
+
+
 @dataclass
 class Routed:
     """What one MoE forward routed; it travels up through the block into `ModelOutput` (never kept on the module)."""
@@ -221,13 +231,14 @@ class Routed:
         a decoding step reads only `ffn_experts_BL`, and these few ops per layer were a tenth of its MoE time."""
         if self._metrics is None:
             with torch.no_grad():
-                ffn_T = self.ffn_experts_BL.flatten()
-                E = self.num_experts
-                counts_E = torch.bincount(self.ids_TK.flatten(), minlength=E)[:E].double()
-                maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
-            self._metrics = {"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
-                             "maxvio_batch": maxvio.float()}
+                self.set_metrics(expert_load(self.ids_TK, self.num_experts)[1])
         return self._metrics
+
+    def set_metrics(self, maxvio: Tensor) -> None:
+        """The batch metrics from this forward's maxvio (training computes it anyway for the step's statistics)."""
+        ffn_T = self.ffn_experts_BL.flatten()
+        self._metrics = {"mean_ffn_experts": ffn_T.float().mean(), "all_null_rate": (ffn_T == 0).float().mean(),
+                         "maxvio_batch": maxvio.float()}
 
 
 class MoE(nn.Module):
@@ -286,12 +297,13 @@ class MoE(nn.Module):
         routed = Routed(ffn_experts_BL=ffn_T.view(B, L), ids_TK=r.ids_TK.detach(), num_experts=E)
         if not self.training:
             return routed
+        with torch.no_grad():
+            counts_E, maxvio = expert_load(r.ids_TK, E)
+            routed.set_metrics(maxvio)
         losses = self.gate.losses(r, B)
         routed.metrics.update({name: value.detach() for name, (_, value) in losses.items()})
         routed.aux_loss = sum(coef * value for coef, value in losses.values())
         with torch.no_grad():
-            counts_E = torch.bincount(r.ids_TK.flatten(), minlength=E)[:E].double()
-            maxvio = (counts_E.max() - counts_E.mean()) / counts_E.mean().clamp_min(1e-9)
             probs_TX = r.scores_TX / r.scores_TX.sum(-1, keepdim=True)
             entropy = torch.special.entr(probs_TX).sum() / math.log(probs_TX.shape[-1])
             z_sum = routed.metrics["z_loss"] * len(ffn_T)  # Σ_t logsumexp(logits_t)^2

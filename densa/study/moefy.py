@@ -286,8 +286,8 @@ def earlier_run(cfg: StudyConfig, out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
-    if state["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
-        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as it would read back from state.json
+    if state["config"] != now:
         changed = sorted(k for k in set(now) | set(state["config"]) if state["config"].get(k) != now.get(k))
         raise ValueError(f"{out} holds a moefy study run with other settings ({', '.join(changed)}); use another "
                          "--out, or the same settings to resume it")
@@ -345,6 +345,14 @@ def _convert(st: Study, split: str, shared: float = 0.0) -> tuple[Conversion, di
     return conversion, _conversion_info(conversion, time.perf_counter() - start)
 
 
+def _arm_done(st: Study, arm: str, budgets: list[float], rows: list[str]) -> bool:
+    """Whether a resumed run had finished this arm: its conversion report (with the exactness check when it has a
+    100% budget) and every row, which are then reused in `rows`' order."""
+    report = st.conversions.get(arm, {})
+    complete = report and (1.0 not in budgets or "all_experts_greedy_identical" in report)
+    return bool(complete) and all(st.reuse(name) for name in rows)
+
+
 def _split_arm(st: Study, split: str) -> None:
     """The conversion as before issue 19, with the optional brief tuning (module docstring)."""
     cfg = st.cfg
@@ -352,10 +360,8 @@ def _split_arm(st: Study, split: str) -> None:
     names = [f"{split}-b{round(100 * b)}" for b in cfg.budgets]
     rows = [r for n in names for r in (n, *([f"{n}-tuned-all"] if n in cfg.tuned_all and data is not None else []),
                                        *([f"{n}-tuned"] if n in cfg.tuned and data is not None else []))]
-    report = st.conversions.get(split, {})
-    if report and (1.0 not in cfg.budgets or "all_experts_greedy_identical" in report) and all(
-            st.reuse(name) for name in rows):
-        return  # a resumed run that had finished this arm (in the loop's order)
+    if _arm_done(st, split, cfg.budgets, rows):
+        return
     conversion, info = _convert(st, split)
     st.conversions[split] = {**info, **st.conversions.get(split, {})}  # a resumed run keeps the first report
     for budget, name in zip(cfg.budgets, names, strict=True):
@@ -406,10 +412,8 @@ def _shared_arms(st: Study) -> None:
     budgets = [b for b in cfg.budgets if b >= share]
     distilled = [b for b in budgets if b < 1] if cfg.distill_steps else []
     names = [f"shared-b{round(100 * b)}" for b in budgets] + [f"shared-b{round(100 * b)}-distilled" for b in distilled]
-    report = st.conversions.get("shared", {})
-    if report and (1.0 not in budgets or "all_experts_greedy_identical" in report) and all(
-            st.reuse(name) for name in names):
-        return  # a resumed run that had finished this arm
+    if _arm_done(st, "shared", budgets, names):
+        return
     if best is not None and best[0] == share:
         _, conversion, info = best
     else:  # a resumed run: the chosen candidate again (conversion is deterministic)
