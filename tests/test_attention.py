@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densa.model.mega import chunked_attention, chunked_attention_reference
+from densa.model.mega import _fused_width, chunked_attention, chunked_attention_reference
 
 
 @pytest.mark.parametrize("length", [1, 5, 16, 17, 48, 61])
@@ -14,6 +14,23 @@ def test_chunked_matches_reference(length, chunk):
     v = torch.randn(2, 3, length, 12)  # value width differs from q/k width, as in Mega
     out = chunked_attention(q, k, v, chunk, scale=0.3)
     torch.testing.assert_close(out, chunked_attention_reference(q, k, v, chunk, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_widening_to_the_fused_kernel_changes_nothing():
+    """In inference q/k are zero-padded to v's width (SDPA's fused CPU kernel); with autograd they are not. Both
+    agree with each other and with the reference, and gradients still flow on the plain path."""
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 32)
+    assert _fused_width(q, k, v) == 24
+    fused = chunked_attention(q, k, v, 16, scale=0.4)
+    q.requires_grad_()
+    assert _fused_width(q, k, v) == 0
+    plain = chunked_attention(q, k, v, 16, scale=0.4)
+    torch.testing.assert_close(fused, plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, chunked_attention_reference(q.detach(), k, v, 16, 0.4), atol=1e-5, rtol=1e-5)
+    plain.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert _fused_width(q, k, v) == 24
 
 
 def test_chunk_at_least_length_is_full_causal_attention():

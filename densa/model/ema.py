@@ -43,17 +43,23 @@ class EmaCoeffs:
         return self.log_q_DN.dtype
 
     def powers(self, exponents: Tensor) -> Tensor:
-        """q^e for each exponent: (D, N, len(e)).
+        """q^e for each exponent: (D, N, len(e)), complex for CEMA (from `power_parts`)."""
+        re, im = self.power_parts(exponents)
+        return re if im is None else torch.complex(re, im)
+
+    def power_parts(self, exponents: Tensor) -> tuple[Tensor, Tensor | None]:
+        """q^e for each exponent as real tensors (D, N, len(e)): (q^e, None) for a real q, (Re q^e, Im q^e) for CEMA.
 
         |q^e| is floored at e^-80 (~1e-35): below that fp32 turns subnormal and CPU exp/mul run ~20x slower,
         while the floor changes no output by more than 1e-35 × |input|. Complex q^e is built as |q|^e·e^{iθe}
-        from real exp/cos/sin (`_polar`): torch's complex exp is ~3x slower on CPU (and complex·real products would
-        cost four real multiplies for the same values)."""
+        from real exp/cos/sin (as `_polar`): torch's complex exp is ~3x slower on CPU (and complex·real products
+        would cost four real multiplies for the same values)."""
         e = exponents.float()
-        log_abs = (self.log_q_DN.real[..., None] * e).clamp_min(-80.0)
+        abs_ = torch.exp((self.log_q_DN.real[..., None] * e).clamp_min(-80.0))
         if not self.log_q_DN.is_complex():
-            return torch.exp(log_abs)
-        return _polar(torch.exp(log_abs), self.log_q_DN.imag[..., None] * e)
+            return abs_, None
+        angle = self.log_q_DN.imag[..., None] * e
+        return abs_ * torch.cos(angle), abs_ * torch.sin(angle)
 
     def decay(self) -> Tensor:
         """q = exp(log q): (D, N); complex q via `_polar` (see `powers`)."""
@@ -139,21 +145,34 @@ def ema_fft(x_BDL: Tensor, co: EmaCoeffs) -> Tensor:
 
 @dataclass
 class ChunkWeights:
-    """What `ema_chunked` derives from the coefficients for one chunk length c (parameters only, no input)."""
+    """What `ema_chunked` derives from the coefficients for one chunk length c (parameters only, no input).
 
-    q_pow_DNc1: Tensor  # q^0 .. q^c
+    The state contractions run as real batched matmuls; for CEMA their complex weights are laid out here, once, as
+    real (re, im) pairs over m = (n, re/im), so that no call re-lays them out: that strided copy cost as much as
+    the contractions themselves (at T = 512 it was half of a cpu-small-moe EMA's time)."""
+
+    q_pow_DNc1: Tensor  # q^0 .. q^c (complex for CEMA)
     k_Dc: Tensor  # the within-chunk kernel K[:c] (+ ω at K[0] when built with skip_D)
-    w_in_DNc: Tensor  # p q^{c-1-t}: what x_i[t] adds to the state at the chunk's end
-    w_out_DNc: Tensor  # γ q^{t+1}: what the chunk's start state adds to y_i[t]
+    w_in_DMc: Tensor  # p q^{c-1-t}: what x_i[t] adds to the state at the chunk's end; CEMA: (D, 2N, c) (Re, Im)
+    w_out_DMc: Tensor  # γ q^{t+1}: what the chunk's start state adds to y_i[t]; CEMA: (D, 2N, c) (Re, −Im)
 
 
 def chunk_weights(co: EmaCoeffs, c: int, skip_D: Tensor | None = None) -> ChunkWeights:
-    q_pow_DNc1 = co.powers(torch.arange(c + 1, device=co.p_DN.device, dtype=torch.float32))
+    re_DNc1, im_DNc1 = co.power_parts(torch.arange(c + 1, device=co.p_DN.device, dtype=torch.float32))
+    q_pow_DNc1 = re_DNc1 if im_DNc1 is None else torch.complex(re_DNc1, im_DNc1)
     k_Dc = ema_kernel(co, c, q_pow_DNc1)
     if skip_D is not None:
         k_Dc = k_Dc + F.pad(skip_D.float()[:, None], (0, c - 1))  # K[0] += ω
-    return ChunkWeights(q_pow_DNc1, k_Dc, co.p_DN[..., None] * q_pow_DNc1[..., :c].flip(-1),
-                        co.gamma_DN[..., None] * q_pow_DNc1[..., 1:])
+    p_DN1 = co.p_DN[..., None]
+    if im_DNc1 is None:
+        return ChunkWeights(q_pow_DNc1, k_Dc, p_DN1 * q_pow_DNc1[..., :c].flip(-1), co.gamma_DN[..., None]
+                            * q_pow_DNc1[..., 1:])
+    # CEMA: p is real, γ complex; (γ q)_re = γ_re q_re − γ_im q_im, (γ q)_im = γ_re q_im + γ_im q_re
+    g_re, g_im = co.gamma_DN.real[..., None], co.gamma_DN.imag[..., None]
+    q_re, q_im = re_DNc1[..., 1:], im_DNc1[..., 1:]
+    w_in_DMc = torch.stack([p_DN1 * re_DNc1[..., :c].flip(-1), p_DN1 * im_DNc1[..., :c].flip(-1)], 2).flatten(1, 2)
+    w_out_DMc = torch.stack([g_re * q_re - g_im * q_im, -(g_re * q_im + g_im * q_re)], 2).flatten(1, 2)
+    return ChunkWeights(q_pow_DNc1, k_Dc, w_in_DMc, w_out_DMc)
 
 
 def ema_chunked(x_BDL: Tensor, co: EmaCoeffs, chunk: int, state_BDN: Tensor | None = None,
@@ -179,7 +198,7 @@ def ema_chunked(x_BDL: Tensor, co: EmaCoeffs, chunk: int, state_BDN: Tensor | No
     y_BDCc = causal_fft_conv(x_BDCc, cw.k_Dc[:, None, :])  # within-chunk, all chunks at once
 
     # what each chunk adds to the state: U_i = Σ_t p q^{c-1-t} x_i[t]
-    U_BDCN = _to_states(x_BDCc, cw.w_in_DNc)
+    U_BDCN = _to_states(x_BDCc, cw.w_in_DMc, co.log_q_DN.is_complex())
     q_c_DN = q_pow_DNc1[..., c]
     S = state_BDN if state_BDN is not None else x.new_zeros(B, D, co.p_DN.shape[1], dtype=co.state_dtype)
     starts = []
@@ -189,35 +208,29 @@ def ema_chunked(x_BDL: Tensor, co: EmaCoeffs, chunk: int, state_BDN: Tensor | No
     starts_BDCN = torch.stack(starts, dim=2)
 
     # what the state at each chunk start adds to that chunk's outputs: Re(Σ_n γ q^{t+1} S_i)
-    y_BDCc = y_BDCc + _from_states(starts_BDCN, cw.w_out_DNc)
+    y_BDCc = y_BDCc + _from_states(starts_BDCN, cw.w_out_DMc)
     y = y_BDCc.reshape(B, D, C * c)[..., :L]
 
     if pad:  # the scan ran over padding zeros at the end; recompute the last state at the true length
-        r = c - pad
-        w_last_DNr = co.p_DN[..., None] * q_pow_DNc1[..., :r].flip(-1)
-        S = q_pow_DNc1[..., r] * starts[-1] + _to_states(x_BDCc[:, :, -1:, :r], w_last_DNr)[:, :, 0]
+        r = c - pad  # p q^{r-1-t} for t < r: the last r taps of w_in
+        S = q_pow_DNc1[..., r] * starts[-1] + _to_states(x_BDCc[:, :, -1:, :r], cw.w_in_DMc[..., c - r :],
+                                                         co.log_q_DN.is_complex())[:, :, 0]
     return y, S
 
 
-def _to_states(x_BDCt: Tensor, w_DNt: Tensor) -> Tensor:
-    """Σ_t x[b, d, c, t] w[d, n, t] -> (B, D, C, N) in w's dtype, x real. A complex w (CEMA) is contracted as
-    real (re, im) pairs: one real batched matmul, no complex copy of x and no complex arithmetic."""
-    if not w_DNt.is_complex():
-        return torch.einsum("bdct,dnt->bdcn", x_BDCt, w_DNt)
-    D, N, t = w_DNt.shape
-    w_DMt = torch.view_as_real(w_DNt).transpose(2, 3).reshape(D, 2 * N, t)  # m = (n, re/im)
+def _to_states(x_BDCt: Tensor, w_DMt: Tensor, complex_: bool) -> Tensor:
+    """Σ_t x[b, d, c, t] w[d, n, t] -> (B, D, C, N), x real. With `complex_` (CEMA), w is `ChunkWeights`' (re, im)
+    pair layout (D, 2N, t) and the result complex: one real batched matmul, no complex copy of x."""
     u_BDCM = torch.einsum("bdct,dmt->bdcm", x_BDCt, w_DMt)
-    return torch.view_as_complex(u_BDCM.unflatten(-1, (N, 2)).contiguous())
+    return torch.view_as_complex(u_BDCM.unflatten(-1, (-1, 2)).contiguous()) if complex_ else u_BDCM
 
 
-def _from_states(S_BDCN: Tensor, w_DNt: Tensor) -> Tensor:
-    """Re(Σ_n S[b, d, c, n] w[d, n, t]) -> (B, D, C, t), real. For complex S and w, Re(S·w) = Re S Re w − Im S Im w:
-    one real batched matmul over (n, re/im) pairs."""
-    if not w_DNt.is_complex():
-        return torch.einsum("bdcn,dnt->bdct", S_BDCN, w_DNt)
-    S_BDCM = torch.view_as_real(S_BDCN.contiguous()).flatten(-2)  # m = (n, re/im)
-    w_DMt = torch.stack([w_DNt.real, -w_DNt.imag], dim=2).flatten(1, 2)
-    return torch.einsum("bdcm,dmt->bdct", S_BDCM, w_DMt)
+def _from_states(S_BDCN: Tensor, w_DMt: Tensor) -> Tensor:
+    """Re(Σ_n S[b, d, c, n] w[d, n, t]) -> (B, D, C, t), real. For complex S (CEMA), w is the (Re, −Im) pair layout
+    (D, 2N, t): Re(S·w) = Re S Re w − Im S Im w, one real batched matmul over (n, re/im) pairs."""
+    if S_BDCN.is_complex():
+        S_BDCN = torch.view_as_real(S_BDCN.contiguous()).flatten(-2)  # m = (n, re/im)
+    return torch.einsum("bdcm,dmt->bdct", S_BDCN, w_DMt)
 
 
 def swap_time_channels(x_BMN: Tensor) -> Tensor:

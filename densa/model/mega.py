@@ -46,13 +46,27 @@ def chunked_attention(q_BHTz: Tensor, k_BHSz: Tensor, v_BHSv: Tensor, chunk: int
         return F.scaled_dot_product_attention(q_BHTz, k_BHSz[:, :, start:], v_BHSv[:, :, start:], scale=scale)
     c = min(chunk, S)
     pad = (-S) % c
-    q = F.pad(q_BHTz, (0, 0, S - T, pad))  # dummy queries for cached positions, zero padding to a chunk multiple
-    k, v = F.pad(k_BHSz, (0, 0, 0, pad)), F.pad(v_BHSv, (0, 0, 0, pad))
+    widen = _fused_width(q_BHTz, k_BHSz, v_BHSv)
+    q = F.pad(q_BHTz, (0, widen, S - T, pad))  # dummy queries for cached positions, zero padding to a chunk multiple
+    k, v = F.pad(k_BHSz, (0, widen, 0, pad)), F.pad(v_BHSv, (0, 0, 0, pad))
     C = (S + pad) // c
     # (B, H, C*c, ·) -> (B, H*C, c, ·): chunks become extra "heads" of one batched causal SDPA call
     o = F.scaled_dot_product_attention(q.reshape(B, H * C, c, -1), k.reshape(B, H * C, c, -1),
                                        v.reshape(B, H * C, c, -1), is_causal=True, scale=scale)
     return o.view(B, H, C * c, -1)[:, :, S - T : S]
+
+
+def _fused_width(q_BHTz: Tensor, k_BHSz: Tensor, v_BHSv: Tensor) -> int:
+    """How many zero columns to append to q and k so that SDPA can take its fused CPU kernel, which needs q/k and v
+    of one head width (Mega's shared q/k heads are narrower than its value heads, which sends SDPA to its math
+    path: scores, mask and softmax materialised). Zero columns add nothing to q·k and the scale is passed
+    explicitly, so the output is the same. Inference on CPU only: a cpu-small-moe prefill's attention at 512 tokens
+    took 1.0 ms this way against 2.7 (per layer, 2 threads), while with backward the padding measured no faster
+    (docs/benchmarks.md, "`densa bench attention`")."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHTz, k_BHSz, v_BHSv))
+    if grad or q_BHTz.device.type != "cpu" or torch.compiler.is_compiling():
+        return 0
+    return max(v_BHSv.shape[-1] - q_BHTz.shape[-1], 0)
 
 
 def chunked_attention_reference(q_BHTz: Tensor, k_BHTz: Tensor, v_BHTv: Tensor, chunk: int, scale: float) -> Tensor:

@@ -36,6 +36,7 @@ from densa.generation import sample_next
 from densa.measure import experts_per_row, forward_flops_per_token
 from densa.model.cache import ModelCache
 from densa.model.compile import inference_steps
+from densa.model.fastlinear import pack_linears
 from densa.model.model import DensaModel
 from densa.serve.batching import concat_caches, drop_rows, pad_prompts
 from densa.serve.metrics import ServerMetrics
@@ -117,6 +118,12 @@ class Engine:
             raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be >= 1")
         self.model, self.metrics = model.eval(), metrics
         self.steps = inference_steps(self.model, compile)  # the compile switch (densa/model/compile.py)
+        dtype = next(self.model.parameters()).dtype
+        self.packed_linears = 0
+        if not self.steps.compiled and dtype in (torch.float32, torch.bfloat16):
+            # eager on CPU: linears on oneDNN-packed weights of the model's own dtype (a no-op off CPU); served
+            # weights never change, so the packed snapshot stays valid (densa/model/fastlinear.py)
+            self.packed_linears = pack_linears(self.model, dtype)
         self.max_batch, self.max_queue, self.usd_per_hour = max_batch, max_queue, usd_per_hour
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []  # row i of self.cache
