@@ -60,9 +60,9 @@ def _fused_width(q_BHTz: Tensor, k_BHSz: Tensor, v_BHSv: Tensor) -> int:
     """How many zero columns to append to q and k so that SDPA can take its fused CPU kernel, which needs q/k and v
     of one head width (Mega's shared q/k heads are narrower than its value heads, which sends SDPA to its math
     path: scores, mask and softmax materialised). Zero columns add nothing to q·k and the scale is passed
-    explicitly, so the output is the same. Inference on CPU only: a cpu-small-moe prefill's attention at 512 tokens
-    took 1.0 ms this way against 2.7 (per layer, 2 threads), while with backward the padding measured no faster
-    (docs/benchmarks.md, "`densa bench attention`")."""
+    explicitly, so the output is the same. Inference on CPU only: cpu-small-moe's chunked attention at 512 tokens
+    took 1.05 ms this way against 2.72 alone, 1.10 against 1.25 inside the layer (2 threads), while with backward
+    the padding measured no faster (docs/benchmarks.md, "A leaner EMA" and "`densa bench attention`")."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHTz, k_BHSz, v_BHSv))
     if grad or q_BHTz.device.type != "cpu" or torch.compiler.is_compiling():
         return 0

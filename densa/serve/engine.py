@@ -119,11 +119,10 @@ class Engine:
         self.model, self.metrics = model.eval(), metrics
         self.steps = inference_steps(self.model, compile)  # the compile switch (densa/model/compile.py)
         dtype = next(self.model.parameters()).dtype
-        self.packed_linears = 0
         if not self.steps.compiled and dtype in (torch.float32, torch.bfloat16):
             # eager on CPU: linears on oneDNN-packed weights of the model's own dtype (a no-op off CPU); served
             # weights never change, so the packed snapshot stays valid (densa/model/fastlinear.py)
-            self.packed_linears = pack_linears(self.model, dtype)
+            pack_linears(self.model, dtype)
         self.max_batch, self.max_queue, self.usd_per_hour = max_batch, max_queue, usd_per_hour
         self.waiting: deque[Request] = deque()
         self.rows: list[Request] = []  # row i of self.cache
