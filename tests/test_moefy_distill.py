@@ -2,6 +2,8 @@
 only the chosen weights move, adapters merge into a plain model, an interrupted run resumes to the same weights,
 and validation picks the step."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -79,8 +81,13 @@ def test_an_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         distill(parts, dense, text, tmp_path / "parts", cfg, progress=False)
     monkeypatch.setattr(distill_module, "_step", step)
+    assert not list((tmp_path / "parts").glob("*.tmp"))  # checkpoints are written whole, then renamed
+    with pytest.raises(ValueError, match="different distillation settings"):
+        distill(with_budget(conversion, 0.5), dense, text, tmp_path / "parts", dataclasses.replace(cfg, lr=1e-3),
+                resume=True, progress=False)
     resumed = with_budget(conversion, 0.5)  # a fresh conversion, as `densa moefy --resume` rebuilds it
-    report = distill(resumed, dense, text, tmp_path / "parts", cfg, resume=True, progress=False)
+    report = distill(resumed, dense, text, tmp_path / "parts", dataclasses.replace(cfg, checkpoint_every=1),
+                     resume=True, progress=False)  # how often it checkpoints may change on resume
     assert len(report["distill_val"]) == 0 and report["distill_steps"] == 4
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)

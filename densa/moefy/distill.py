@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +178,7 @@ def distill(student: DensaModel, teacher: DensaModel, windows_NL: Tensor, run_di
     st = DistillState(losses=[], val=[])
     if resume and state_path.is_file():
         saved = torch.load(state_path, weights_only=False)
-        if saved["config"] != asdict(cfg):
+        if _settings(saved["config"]) != _settings(asdict(cfg)):
             raise ValueError(f"{state_path}: saved with different distillation settings; start afresh without "
                              "--resume or use the same settings")
         student.load_state_dict(saved["student"])
@@ -205,10 +205,10 @@ def distill(student: DensaModel, teacher: DensaModel, windows_NL: Tensor, run_di
                 if score < st.best_val:
                     st.best_step, st.best_val = st.step, score
                     best = copy.deepcopy(student.state_dict())
-                    torch.save(best, best_path)
+                    _save_atomic(best, best_path)
             if last or st.step % cfg.checkpoint_every == 0:
-                torch.save({"config": asdict(cfg), "student": student.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "state": asdict(st)}, state_path)
+                _save_atomic({"config": asdict(cfg), "student": student.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "state": asdict(st)}, state_path)
     finally:
         bar.close()
         student.eval()
@@ -225,6 +225,18 @@ def distill(student: DensaModel, teacher: DensaModel, windows_NL: Tensor, run_di
             "distill_wall_seconds": st.wall_seconds, "distill_val": st.val,
             "distill_best_step": st.best_step if validate is not None else st.step,
             "distill_best_val": st.best_val if validate is not None else None}
+
+
+def _settings(config: dict) -> dict:
+    """The settings a resumed run must share with the saved one (how often it checkpoints may differ)."""
+    return {k: v for k, v in config.items() if k != "checkpoint_every"}
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a run killed while saving keeps its last checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def _step(student: DensaModel, teacher: DensaModel, windows_NL: Tensor, step: int, cfg: DistillConfig,

@@ -125,6 +125,7 @@ class StudyConfig:
             DistillConfig(steps=1, mode=entry.get("mode", "moe"), lr=float(entry.get("lr", 0.0)))
 
 
+CHECKPOINT_EVERY = 25  # distillation steps between checkpoints (a few minutes of CPU at the default sizes)
 QUICK = dict(calib_tokens=1024, eval_tokens=512, val_tokens=512, router_steps=30, budgets=[1.0, 0.5],
              splits=["cluster"], tune_steps=2, tuned=["cluster-b50"], tuned_all=[], shared=[0.25], distill_steps=4,
              distill_pilot_steps=2, distill_grid=[{"mode": "moe", "lr": 1e-4}, {"mode": "lora", "lr": 1e-3}],
@@ -450,7 +451,7 @@ def _shared_arms(st: Study) -> None:
     else:
         entry = cfg.distill_grid[0]
     st.conversions["distill"] = {"pilots": pilots, "chosen": entry}
-    for budget in distilled:
+    for budget in sorted(distilled, key=lambda b: abs(b - at)):  # the headline budget first
         name = f"shared-b{round(100 * budget)}-distilled"
         if st.reuse(name):
             continue
@@ -466,7 +467,7 @@ def _distill_config(cfg: StudyConfig, entry: dict, steps: int, eval_every: int) 
     return DistillConfig(steps=steps, mode=entry.get("mode", "moe"), lr=float(entry.get("lr", 0.0)),
                          batch_size=cfg.distill_batch, context=cfg.distill_context, on_policy=cfg.distill_on_policy,
                          sample_tokens=min(64, cfg.distill_context // 2), eval_every=eval_every,
-                         checkpoint_every=max(1, cfg.distill_eval_every), seed=cfg.seed)
+                         checkpoint_every=CHECKPOINT_EVERY, seed=cfg.seed)
 
 
 def _teal_arm(st: Study) -> None:
