@@ -90,7 +90,8 @@ def test_sft_trainer_labels_only_the_assistant_turn(policy):
     assert len(seen) == len(examples)
 
 
-def test_sft_runs_on_a_hugging_face_llama_folder(policy, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sft_runs_on_a_hugging_face_llama_folder(policy, tmp_path, precision):
     _, tok, _ = policy
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
@@ -98,10 +99,13 @@ def test_sft_runs_on_a_hugging_face_llama_folder(policy, tmp_path):
     tok.save_pretrained(str(tmp_path / "llama"))
     recipe = load_recipe("recipes/sft-arithmetic.yaml", [f"policy.path={tmp_path / 'llama'}", "sft.steps=2",
                                                          "sft.batch_size=4", "task.train_size=16",
-                                                         "task.heldout_size=4"])
+                                                         "task.heldout_size=4", f"sft.precision={precision}"])
     result = run_sft(recipe, tmp_path / "sft", progress=False, evaluate=False)
-    assert resolve(result["model"]).model.config.mixer == "attention"  # a densa checkpoint of the tuned Llama
-    assert [json.loads(x)["step"] for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()][-1] == 2
+    tuned = resolve(result["model"]).model
+    assert tuned.config.mixer == "attention"  # a densa checkpoint of the tuned Llama
+    assert all(p.dtype == torch.float32 for p in tuned.parameters())  # bf16 is autocast; the weights stay fp32
+    logs = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 2 and math.isfinite(logs[-1]["train_loss"])
 
 
 def test_reward_ranks_shorter_correct_above_longer_correct_above_wrong():

@@ -49,6 +49,7 @@ class SFTConfig:
     max_length: int = 256  # tokens per example (prompt + answer); longer ones are truncated
     seed: int = 0
     log_interval: int = 25
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CPU/GPU, fp32 master weights (the optimizer's)
 
 
 @dataclass(kw_only=True)
@@ -67,6 +68,7 @@ class GRPOSection:
     dynamic_sampling: bool = False  # drop groups whose samples are all right or all wrong (DAPO, DLER)
     seed: int = 0
     log_interval: int = 5
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the policy's training forward/backward
 
 
 @dataclass(kw_only=True)

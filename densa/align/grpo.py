@@ -98,7 +98,7 @@ def run_grpo(recipe: Recipe, out: str | Path, progress: bool = True, policy: tup
         rewards.append(load_reward(recipe.reward.custom))
     data = Dataset.from_list([{"prompt": e["prompt"], "answer": e["answer"]} for e in train])
     args = GRPOConfig(
-        output_dir=str(out / "trainer"), use_cpu=not torch.cuda.is_available(), bf16=False,
+        output_dir=str(out / "trainer"), use_cpu=not torch.cuda.is_available(), bf16=cfg.precision == "bf16",
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations, num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, learning_rate=cfg.lr,
         lr_scheduler_type="constant", max_steps=cfg.steps, loss_type=cfg.loss_type, beta=0.0,

@@ -65,8 +65,9 @@ def run_sft(recipe: Recipe, out: str | Path, progress: bool = True, evaluate: bo
     trainer = SFTTrainer(
         model=DensaForTRL.wrap(model, tok), processing_class=tok,
         train_dataset=Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in train]),
-        args=TRLSFTConfig(output_dir=str(out / "trainer"), use_cpu=not torch.cuda.is_available(), bf16=False,
-                          per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps, learning_rate=cfg.lr,
+        args=TRLSFTConfig(output_dir=str(out / "trainer"), use_cpu=not torch.cuda.is_available(),
+                          bf16=cfg.precision == "bf16", per_device_train_batch_size=cfg.batch_size,
+                          max_steps=cfg.steps, learning_rate=cfg.lr,
                           lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
                           max_length=cfg.max_length, logging_steps=cfg.log_interval, seed=cfg.seed,
                           save_strategy="no", report_to=[], gradient_checkpointing=False,
