@@ -12,6 +12,7 @@ from trl import SFTConfig, SFTTrainer
 from densa.align.config import load_recipe
 from densa.align.evaluate import budget_curve, generate_greedy
 from densa.align.grpo import run_grpo
+from densa.align.logs import JsonlLog
 from densa.align.policy import chat_tokenizer, save_policy, train_task_tokenizer
 from densa.align.preference import simpo_loss
 from densa.align.problems import extract_answer, gsm8k, heldout_and_ood, messages, sft_examples, split, train_split
@@ -258,3 +259,46 @@ def test_grpo_with_dler_options_and_a_kl_anchor_runs_and_logs(policy, tmp_path):
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logs if "reward" in r]
     assert len(steps) == 2 and all("kl" in r and 0 <= r["dynamic_sampling/kept_groups"] <= 1 for r in steps)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_weights(policy, tmp_path, monkeypatch, method):
+    """A run killed after its step-2 checkpoint, rerun with the same OUT, continues from step 2 (not from the start)
+    and ends at the weights of an uninterrupted run, with one log record per step."""
+    _, _, path = policy
+    if method == "sft":
+        recipe = load_recipe("recipes/sft-arithmetic.yaml", [f"policy.path={path}", "sft.steps=4", "sft.batch_size=4",
+                                                             "sft.save_every=2", "sft.log_interval=1",
+                                                             "task.train_size=32", "task.heldout_size=4"])
+        run = run_sft
+    else:
+        recipe = load_recipe("recipes/align-arithmetic.yaml", [
+            f"policy.path={path}", "grpo.steps=4", "grpo.prompts_per_step=2", "grpo.num_generations=4",
+            "grpo.max_completion_length=12", "grpo.log_interval=1", "grpo.save_every=2", "task.train_size=32",
+            "task.heldout_size=4", "task.max_new_tokens=12", "reward.overlong_cache=4"], method="grpo")
+        run = run_grpo
+    run(recipe, tmp_path / "whole", progress=False, evaluate=False)
+
+    def stop_after_3(self, args, state, control, **_):
+        if state.global_step == 3:
+            raise _Stop
+
+    monkeypatch.setattr(JsonlLog, "on_step_end", stop_after_3, raising=False)
+    with pytest.raises(_Stop):
+        run(recipe, tmp_path / "parts", progress=False, evaluate=False)
+    assert (tmp_path / "parts" / "trainer" / "checkpoint-2").is_dir() and not (tmp_path / "parts" / "model").exists()
+    monkeypatch.undo()
+    resumed_steps = []
+    monkeypatch.setattr(JsonlLog, "on_step_begin", lambda self, args, state, control, **_: resumed_steps.append(
+        state.global_step), raising=False)
+    run(recipe, tmp_path / "parts", progress=False, evaluate=False)
+    assert resumed_steps == [2, 3] and not (tmp_path / "parts" / "trainer").exists()
+    whole, parts = resolve(str(tmp_path / "whole" / "model")).model, resolve(str(tmp_path / "parts" / "model")).model
+    for (name, a), b in zip(whole.state_dict().items(), parts.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    logged = [json.loads(x)["step"] for x in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(logged)) == [1, 2, 3, 4] and logged == sorted(logged)

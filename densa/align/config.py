@@ -50,6 +50,7 @@ class SFTConfig:
     seed: int = 0
     log_interval: int = 25
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CPU/GPU, fp32 master weights (the optimizer's)
+    save_every: int = 50  # steps between resumable checkpoints in OUT/trainer (0: none); a rerun continues there
 
 
 @dataclass(kw_only=True)
@@ -69,6 +70,7 @@ class GRPOSection:
     seed: int = 0
     log_interval: int = 5
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the policy's training forward/backward
+    save_every: int = 10  # steps between resumable checkpoints in OUT/trainer (0: none); a rerun continues there
 
 
 @dataclass(kw_only=True)
@@ -159,7 +161,7 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     for name in ("lr", "temperature", "epsilon"):
         if name in hints and not getattr(obj, name) > 0:
             raise ConfigError(f"{section}.{name}={getattr(obj, name)}: must be > 0")
-    for name in ("beta", "epsilon_high", "validation_size"):
+    for name in ("beta", "epsilon_high", "validation_size", "save_every"):
         if name in hints and getattr(obj, name) < 0:
             raise ConfigError(f"{section}.{name}={getattr(obj, name)}: must be >= 0")
     if "unanswerable_fraction" in hints and not 0 <= obj.unanswerable_fraction < 1:

@@ -32,7 +32,7 @@ from densa.align.config import Recipe
 from densa.align.logs import JsonlLog
 from densa.align.policy import load_policy
 from densa.align.rewards import TokenValueReward, checked, keep_groups, trl_reward
-from densa.align.sft import finish_run, task_examples
+from densa.align.sft import checkpointing, finish_run, task_examples
 from densa.align.trl_model import DensaForTRL
 from densa.model.model import DensaModel
 
@@ -103,7 +103,7 @@ def run_grpo(recipe: Recipe, out: str | Path, progress: bool = True, policy: tup
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, learning_rate=cfg.lr,
         lr_scheduler_type="constant", max_steps=cfg.steps, loss_type=cfg.loss_type, beta=0.0,
         scale_rewards=cfg.scale_rewards, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high or None,
-        logging_steps=cfg.log_interval, seed=cfg.seed, save_strategy="no",
+        logging_steps=cfg.log_interval, seed=cfg.seed, **checkpointing(cfg.save_every),
         report_to=[], gradient_checkpointing=False, disable_tqdm=not progress, shuffle_dataset=True)
     trainer = TokenValueGRPOTrainer(model=DensaForTRL.wrap(model, tok), reward_funcs=[checked(f) for f in rewards],
                                     train_dataset=data, processing_class=tok, args=args,

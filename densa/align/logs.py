@@ -12,12 +12,17 @@ from transformers import TrainerCallback
 
 
 class JsonlLog(TrainerCallback):
-    """A transformers callback writing `{"step": ..., <logged metrics>}` per log event."""
+    """A transformers callback writing `{"step": ..., <logged metrics>}` per log event. A run resumed from a
+    checkpoint keeps the records up to the checkpoint's step; a fresh run starts an empty file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        kept = [r for r in read_jsonl(self.path) if r["step"] <= state.global_step] if state.global_step and \
+            self.path.is_file() else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
         if logs:

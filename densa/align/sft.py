@@ -70,7 +70,7 @@ def run_sft(recipe: Recipe, out: str | Path, progress: bool = True, evaluate: bo
                           max_steps=cfg.steps, learning_rate=cfg.lr,
                           lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
                           max_length=cfg.max_length, logging_steps=cfg.log_interval, seed=cfg.seed,
-                          save_strategy="no", report_to=[], gradient_checkpointing=False,
+                          **checkpointing(cfg.save_every), report_to=[], gradient_checkpointing=False,
                           disable_tqdm=not progress, dataset_num_proc=None, completion_only_loss=True),
         callbacks=[JsonlLog(out / "metrics.jsonl")])
     curves = [("loss", "loss (assistant tokens)"), ("mean_token_accuracy", "token accuracy")]
@@ -78,12 +78,29 @@ def run_sft(recipe: Recipe, out: str | Path, progress: bool = True, evaluate: bo
                       heldout if evaluate else None, recipe.task.max_new_tokens, progress)
 
 
+def checkpointing(save_every: int) -> dict[str, Any]:
+    """The trainer arguments for a resumable checkpoint (model, optimizer, schedule, RNG) every `save_every` steps in
+    OUT/trainer, only the latest kept; 0: none."""
+    if not save_every:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": save_every, "save_total_limit": 1, "save_only_model": False}
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The newest complete `checkpoint-N` folder the trainer left in `folder`, if any (the trainer writes
+    trainer_state.json after the weights, optimizer and RNG states, so a run killed while saving is skipped)."""
+    steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(folder / f"checkpoint-{max(steps)}") if steps else None
+
+
 def finish_run(trainer: Any, model: Any, tok: Any, out: Path, curves: list[tuple[str, str]], png: str, title: str,
                steps: int, heldout: list[dict] | None, max_new_tokens: int, progress: bool) -> dict[str, Any]:
-    """What `densa sft` and `densa align` share after setup: train, save out/model, plot the logged curves, evaluate
-    greedily on `heldout` (None: skip) and write out/result.json."""
-    trainer.train()
-    shutil.rmtree(out / "trainer", ignore_errors=True)  # save_strategy "no": only an empty folder
+    """What `densa sft` and `densa align` share after setup: train (continuing from the last checkpoint in
+    out/trainer when a stopped run left one), save out/model, plot the logged curves, evaluate greedily on `heldout`
+    (None: skip) and write out/result.json."""
+    trainer.train(resume_from_checkpoint=last_checkpoint(out / "trainer"))
+    shutil.rmtree(out / "trainer", ignore_errors=True)  # the checkpoints: the finished model is out/model
     model.eval()
     save_policy(model, tok, out / "model")
     plot_curves(read_jsonl(out / "metrics.jsonl"), curves, out / png, title)
