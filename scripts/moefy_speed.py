@@ -8,6 +8,9 @@ config), the run's 50% MoE headline (the best validation bits/byte, saved in `DI
 sparsity 0.5 (thresholds calibrated again on the study's calibration windows: deterministic), each through the fast
 path the study uses (`densa.moefy.measure.ms_per_token`), and keeps each model's fastest round. Speedups are the
 original's ms/token over the variant's, as in the study's `prefill_speedup_at_half_ffn` / `decode_speedup_...`.
+`--looped` also times the headline with its batch-1 experts on the looped path (`Experts.reduce_decode = False`:
+one `F.linear` per chosen expert, the eager decode path before the compiled gather-reductions), as
+`<variant>-looped`. Each model runs once before the timed rounds (the first call compiles the MoE decode kernel).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from densa.model.moe import Experts
 from densa.moefy import teal
 from densa.moefy.calibrate import calibration_windows, corpus_text, encode
 from densa.moefy.measure import ms_per_token
@@ -31,6 +35,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, type=Path, help="the study's --out folder (state.json, models/)")
     parser.add_argument("--json", required=True, type=Path, help="where to write the figures")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; each model keeps its fastest")
+    parser.add_argument("--looped", action="store_true", help="also time the headline on the looped expert path")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     state = json.loads((args.run / "state.json").read_text())
@@ -50,11 +55,20 @@ def main() -> None:
     models = {"dense": original.model, "teal-b50": teal.teal_model(original.model,
                                                                     teal.calibrate(original.model, windows, 0.5))}
     models |= {path.name: resolve(str(path)).model for path in saved}
+    reduce = dict.fromkeys(models, True)
+    if args.looped:
+        models[f"{saved[0].name}-looped"], reduce[f"{saved[0].name}-looped"] = models[saved[0].name], False
     best: dict[str, dict[str, float]] = {}
-    for _ in range(args.rounds):
+    for warm_up in [True] + [False] * args.rounds:
         for name, model in models.items():
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            ms = ms_per_token(model, ids, repeats=1)
+            Experts.reduce_decode = reduce[name]
+            try:
+                ms = ms_per_token(model, ids, repeats=1)
+            finally:
+                Experts.reduce_decode = True
+            if warm_up:
+                continue
             busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
             print(f"{name}: prefill {ms['prefill_ms_per_token']:.2f} ms/token, decode {ms['decode_ms_per_token']:.2f}"
                   f" ms/token (CPU busy x{busy:.2f} of {torch.get_num_threads()} threads)", flush=True)

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
+import densa.model.moe as moe_module
 from densa.checkpoint import load_model, save_checkpoint
 from densa.cli import main
 from densa.config import ConfigError, from_preset
@@ -119,6 +120,46 @@ def test_eager_cpu_decoding_loops_over_the_chosen_experts():
     r_grad = layer.gate(one)
     assert r_grad.weights_TK.requires_grad and not layer.experts.uses_looped(one, r_grad.weights_TK)
     torch.autograd.grad(layer.experts(one, r_grad.ids_TK, r_grad.weights_TK).sum(), layer.gate.weight)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_reduced_experts_match_the_reference_and_fall_back_when_compiling_fails(tokens, monkeypatch):
+    """Eager CPU decoding runs the compiled gather-reductions (`reduce_experts`): equal to the per-token reference
+    (and to the same function run eagerly) with zero-computation slots dropped; a failed compile warns once and
+    loops over the experts instead, with the same result."""
+    layer = moe_layer().eval()
+    layer.gate.zc_bias.fill_(0.06)
+    E, D = layer.num_experts, layer.experts.gate_up_proj.shape[2]
+    x_TD = torch.randn(tokens, D)
+    with torch.no_grad():
+        r = layer.gate(x_TD)
+        ids_TK = r.ids_TK.clamp(max=E)  # identity experts are MoE.forward's part
+        assert (ids_TK >= E).any() and (ids_TK < E).any()
+        ref = moe_reference(x_TD, ids_TK, r.weights_TK, layer.experts.gate_up_proj, layer.experts.down_proj,
+                            num_null=1)
+        layer.experts.impl = "reduced"
+        torch.testing.assert_close(layer.experts(x_TD, r.ids_TK, r.weights_TK), ref, rtol=1e-5, atol=1e-5)
+        layer.experts.impl = "auto"
+        if tokens * layer.top_k <= E:  # the automatic choice for a few tokens
+            assert moe_module._REDUCE.get("ok") and layer.experts.uses_looped(x_TD, r.weights_TK)
+            torch.testing.assert_close(layer.experts(x_TD, r.ids_TK, r.weights_TK), ref, rtol=1e-5, atol=1e-5)
+        tok_S, slot_S = (r.ids_TK < E).nonzero(as_tuple=True)
+        eager = moe_module.reduce_experts(x_TD, tok_S, r.ids_TK[tok_S, slot_S], r.weights_TK[tok_S, slot_S],
+                                          layer.experts.gate_up_proj, layer.experts.down_proj)
+        torch.testing.assert_close(eager, ref, rtol=1e-5, atol=1e-5)
+
+        def broken(*args):
+            raise RuntimeError("no C++ compiler")
+
+        monkeypatch.setattr(moe_module, "_REDUCE", {"fn": broken})
+        layer.experts.impl = "reduced"
+        with pytest.warns(UserWarning, match="falling back"):
+            torch.testing.assert_close(layer.experts(x_TD, r.ids_TK, r.weights_TK), ref, rtol=1e-5, atol=1e-5)
+        assert "no C++ compiler" in moe_module._REDUCE["failed"]
+        torch.testing.assert_close(layer.experts(x_TD, r.ids_TK, r.weights_TK), ref, rtol=1e-5, atol=1e-5)
+    layer.experts.impl = "auto"
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer.experts._reduced(x_TD.requires_grad_(), r.ids_TK, r.weights_TK)
 
 
 def test_grouped_mm_is_used_only_when_aligned():
@@ -312,8 +353,11 @@ def test_moe_bench_keys():
                 "e8_densa_ms", "e8_ratio_vs_hf_grouped"):
         assert result[key] > 0, key
     assert result["dynamic_active_fraction"] == pytest.approx(0.6, abs=0.1)
-    decode = moe.decode_cases(rounds=1, calls=2)
-    for key in ("decode_grouped_us", "decode_gathered_us", "decode_looped_us", "ratio_decode_looped_vs_grouped"):
+    decode = moe.decode_cases(rounds=1, calls=2, smol_layers=2)
+    for key in ("decode_grouped_us", "decode_gathered_us", "decode_looped_us", "decode_reduced_us",
+                "ratio_decode_looped_vs_grouped", "ratio_decode_reduced_vs_looped", "smol_decode_looped_us",
+                "smol_decode_reduced_us", "ratio_smol_decode_reduced_vs_looped", "smol_decode_dense_us",
+                "ratio_smol_decode_reduced_vs_dense"):
         assert decode[key] > 0, key
     assert 0 <= decode["decode_ffn_experts"] <= 4
 

@@ -17,8 +17,13 @@ and keeps each variant's fastest round: the CPU is shared, and the minimum is th
 Decoding (`decode_` keys): one token through the experts of a `cpu-small-moe` MoE layer (E=16, K=4, width 176,
 hidden 256, its dynamic routing), inference (no autograd), µs per call, each implementation on the same routing:
 `grouped` (sort + CPU `_grouped_mm`, the eager path before issue 15), `gathered` (copy the chosen experts' weights,
-one bmm each) and `looped` (two `F.linear` per chosen expert on views of the weights: what eager CPU decoding takes
-now, `Experts.uses_looped`); `ratio_decode_looped_vs_grouped`.
+one bmm each), `looped` (two `F.linear` per chosen expert on views of the weights: the eager fallback where no C++
+compiler is available) and `reduced` (the compiled gather-reductions, `reduce_experts`: what eager CPU decoding
+takes, `Experts.uses_looped`); `ratio_decode_looped_vs_grouped`, `ratio_decode_reduced_vs_looped`. The `smol_`
+decode keys time the same calls at a SmolLM2-135M conversion's expert shapes (hidden 576, E=16 of width 96, the 8
+FFN experts a 50% budget uses; 30 layers of distinct weights per call, as in one decoding step), with random weights
+and routing, beside `smol_decode_dense_us`: the dense SwiGLU FFN they come from (width 1536) on oneDNN-packed
+weights, the original model's fast path; `ratio_smol_decode_reduced_vs_dense`.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from densa.config import ModelConfig, from_preset
+from densa.model.fastlinear import pack_linears
 from densa.model.layers import SwiGLU
-from densa.model.moe import MoE
+from densa.model.moe import Experts, MoE
 
 TOKENS, HIDDEN, DENSE_WIDTH = 2048, 384, 1024
 SHAPES = {"": (64, 8, 128), "e8_": (8, 2, 512)}  # key prefix -> (experts, top-k, expert width)
@@ -126,29 +132,66 @@ def run_cases(tokens: int, hidden: int, dense_width: int, shapes: dict[str, tupl
 
 
 @torch.no_grad()
-def decode_cases(rounds: int, calls: int = 200) -> dict[str, float]:
-    """µs per one-token experts call of a cpu-small-moe MoE layer, per implementation (module docstring)."""
+def decode_cases(rounds: int, calls: int = 200, smol_layers: int = 30) -> dict[str, float]:
+    """µs per one-token experts call of a cpu-small-moe MoE layer, and of `smol_layers` layers of SmolLM2-sized
+    experts, per implementation (module docstring)."""
     torch.manual_seed(0)
     layer = MoE(from_preset("cpu-small-moe")).eval()
     x_TD = torch.randn(1, layer.experts.gate_up_proj.shape[2])
     r = layer.gate(x_TD)
+    out = _decode_calls(layer.experts, x_TD, r.ids_TK, r.weights_TK, rounds, calls, "decode_")
+    out["decode_ffn_experts"] = int((r.ids_TK < layer.num_experts).sum())
+    # SmolLM2-135M at a 50% budget: 16 experts of width 96 (1536 / 16) at hidden 576, 8 of them chosen; 30 layers'
+    # worth of distinct weights, so that the calls stream weights from memory as a decoding step does
+    smol = [Experts(16, 576, 96) for _ in range(smol_layers)]
+    for experts in smol:
+        nn.init.normal_(experts.gate_up_proj, std=0.02)
+        nn.init.normal_(experts.down_proj, std=0.02)
+    x_smol = torch.randn(1, 576)
+    ids_smol = torch.randperm(16)[:8][None]
+    weights_smol = torch.full((1, 8), 1 / 8)
+    # the dense FFN these experts were cut from (width 1536) on oneDNN-packed weights: what the original runs
+    dense = nn.ModuleList(SwiGLU(576, 1536) for _ in range(smol_layers)).eval()
+    pack_linears(dense)
+    smol_calls = max(1, calls // smol_layers)
+
+    def dense_calls() -> None:
+        for _ in range(smol_calls):
+            for ffn in dense:
+                ffn(x_smol)
+
+    out |= _decode_calls(smol, x_smol, ids_smol, weights_smol, rounds, smol_calls, "smol_decode_",
+                         {"dense": dense_calls})
+    out["ratio_smol_decode_reduced_vs_dense"] = round(out["smol_decode_reduced_us"] / out["smol_decode_dense_us"], 3)
+    return out
+
+
+def _decode_calls(experts: Experts | list[Experts], x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, rounds: int,
+                  calls: int, prefix: str, extra: dict[str, Callable[[], None]] | None = None) -> dict[str, float]:
+    """µs per call (over all the `experts` modules: one call each) per implementation, interleaved rounds, with
+    `extra` callables (each making `calls` calls) timed in the same rounds."""
+    modules = experts if isinstance(experts, list) else [experts]
 
     def call(impl: str) -> Callable[[], None]:
         def run_calls() -> None:
-            layer.experts.impl = impl
+            Experts.impl = impl
             for _ in range(calls):
-                layer.experts(x_TD, r.ids_TK, r.weights_TK)
+                for module in modules:
+                    module(x_TD, ids_TK, weights_TK)
         return run_calls
 
     try:
-        ms = _time_interleaved({name: call(impl) for name, impl in (("grouped", "grouped_mm"),
-                                                                     ("gathered", "gathered"),
-                                                                     ("looped", "looped"))}, rounds)
+        call("reduced")()  # the first call compiles reduce_experts: not part of any timing
+        ms = _time_interleaved({**{name: call(impl) for name, impl in (("grouped", "grouped_mm"),
+                                                                        ("gathered", "gathered"),
+                                                                        ("looped", "looped"),
+                                                                        ("reduced", "reduced"))},
+                                **(extra or {})}, rounds)
     finally:
-        layer.experts.impl = "auto"
-    out = {f"decode_{name}_us": round(1000 * value / calls, 1) for name, value in ms.items()}
-    out["decode_ffn_experts"] = int((r.ids_TK < layer.num_experts).sum())
-    out["ratio_decode_looped_vs_grouped"] = round(ms["looped"] / ms["grouped"], 3)
+        Experts.impl = "auto"
+    out = {f"{prefix}{name}_us": round(1000 * value / calls, 1) for name, value in ms.items()}
+    out[f"ratio_{prefix}looped_vs_grouped"] = round(ms["looped"] / ms["grouped"], 3)
+    out[f"ratio_{prefix}reduced_vs_looped"] = round(ms["reduced"] / ms["looped"], 3)
     return out
 
 

@@ -14,9 +14,13 @@ Design choices (docs/moe.md, 'Design'):
   each; a tiny (T, S) combine matmul carries the gate weights back to the tokens. No sort, no grouped matmul, no
   scatter; zero-computation slots are dropped before any weight is read, so they cost nothing. At batch 1 it reads
   only the chosen experts' weights (index_select copies them once; the copy is what the matmul streams).
-- Eager CPU inference on a few tokens (T·K ≤ E: batch-1 decoding) loops over the chosen experts instead, two
-  `F.linear` each on views of the fused weights (`_looped`): no sort, no copy, and none of the E per-expert
-  matmuls that CPU `_grouped_mm` runs whether an expert has rows or not.
+- Eager CPU inference on a few tokens (T·K ≤ E: batch-1 decoding) runs the chosen experts as two fused
+  gather-reductions (`_reduced`): `reduce_experts`, compiled once by inductor, reads each chosen expert's rows
+  straight from the fused weights (no copy, no sort, none of the E per-expert matmuls that CPU `_grouped_mm` runs
+  whether an expert has rows or not) in one generated kernel per projection. Where that compile is unavailable
+  (no C++ compiler) it loops instead, two `F.linear` per chosen expert on views of the weights (`_looped`), which
+  costs a dispatch per expert: SmolLM2-sized experts (30 layers x 8 of 16 experts, 576 x 96) took 17.2 ms per
+  token that way, 6.1 ms reduced, against 15 ms for the dense FFN on packed weights (docs/benchmarks.md).
 - Identity experts add w·x (an axpy, no GEMM); null experts add nothing.
 - Monitoring: each forward records the router losses and cheap batch metrics in `aux`; in training mode it also
   accumulates the step's load statistics, which `update_routing()` (once per optimizer step) all-reduces over the
@@ -29,12 +33,14 @@ F expert width, S routed (token, FFN expert) pairs, n pairs of one expert.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from densa.config import ModelConfig
 from densa.counting import ffn_flops_per_token
@@ -60,10 +66,38 @@ def moe_reference(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, gate_up_proj
     return torch.stack(rows)
 
 
+def reduce_experts(x_TD: Tensor, tok_S: Tensor, ids_S: Tensor, w_S: Tensor, gate_up_proj: Tensor,
+                   down_proj: Tensor) -> Tensor:
+    """out_t = Σ_s [tok_s = t] w_s · expert_{ids_s}(x_t) over S (token, FFN expert) pairs, written as gathers
+    inside reductions. Run eagerly, the gathers copy the chosen weights (this is the readable form, tested against
+    `moe_reference`); compiled (`_compiled_reduce`), inductor fuses each gather into its reduction, so each chosen
+    expert's weights are read once, in place."""
+    x_SD = x_TD[tok_S]
+    gate_S2F = (gate_up_proj[ids_S] * x_SD[:, None, :]).sum(-1)  # (S, 2F): the chosen expert's rows · x
+    gate_SF, up_SF = gate_S2F.chunk(2, dim=-1)
+    a_SF = F.silu(gate_SF) * up_SF * w_S[:, None]
+    y_SD = (down_proj[ids_S] * a_SF[:, None, :]).sum(-1)  # (S, D)
+    return torch.zeros_like(x_TD).index_add(0, tok_S, y_SD)
+
+
+_REDUCE: dict[str, object] = {}  # "fn": the compiled reduce_experts; "failed": why compiling it failed
+
+
+def _compiled_reduce() -> object | None:
+    """`reduce_experts` compiled by inductor (dynamic shapes: one compile serves every S, T and layer size), or
+    None once a compile has failed in this process (then the looped path runs)."""
+    if "failed" in _REDUCE:
+        return None
+    if "fn" not in _REDUCE:
+        _REDUCE["fn"] = torch.compile(reduce_experts, dynamic=True)
+    return _REDUCE["fn"]
+
+
 class Experts(nn.Module):
     """E SwiGLU experts, fused. forward(x, ids, weights) computes the FFN slots (ids < E) and drops the rest."""
 
-    impl = "auto"  # "auto" | "grouped_mm" | "split" | "gathered" | "looped": a runtime choice (tests, benches)
+    impl = "auto"  # "auto" | "grouped_mm" | "split" | "gathered" | "reduced" | "looped": a runtime choice
+    reduce_decode = True  # "auto" runs a few tokens through the compiled `_reduced`; False: `_looped` (benches)
 
     def __init__(self, num_experts: int, hidden: int, width: int) -> None:
         super().__init__()
@@ -74,7 +108,11 @@ class Experts(nn.Module):
         if self.uses_gathered(x_TD, ids_TK.shape[1]):
             return self._gathered(x_TD, ids_TK, weights_TK)
         if self.uses_looped(x_TD, weights_TK):
+            if self.impl != "looped" and self.reduce_decode and _compiled_reduce() is not None:
+                return self._reduced(x_TD, ids_TK, weights_TK)
             return self._looped(x_TD, ids_TK, weights_TK)
+        if self.impl == "reduced":
+            return self._reduced(x_TD, ids_TK, weights_TK)
         K, E = ids_TK.shape[1], self.gate_up_proj.shape[0]
         ids_S = ids_TK.flatten()
         order_S = ids_S.argsort(stable=True)  # sort the (token, slot) pairs by expert, once
@@ -110,16 +148,17 @@ class Experts(nn.Module):
         return slots <= (4 * E if compiling and cpu else E) and (compiling or x_TD.device.type == "cuda")
 
     def uses_looped(self, x_TD: Tensor, weights_TK: Tensor) -> bool:
-        """The eager CPU inference path for a few tokens (T·K <= E: batch-1 decoding): no gradient needed (to the
-        input, the experts or the router's gate weights), not under torch.compile. Each chosen FFN expert is two
-        `F.linear` on views of the fused weights: no sort, no grouped matmul over all E experts (on CPU
-        `_grouped_mm` runs one matmul per expert, empty or not), no weight copy. Measured in `densa bench moe`
-        (`decode_looped_us` against `decode_grouped_us`; docs/benchmarks.md)."""
+        """The eager CPU inference case for a few tokens (T·K <= E: batch-1 decoding): no gradient needed (to the
+        input, the experts or the router's gate weights), not under torch.compile or a dispatch mode (FLOP
+        counting). It runs `_reduced` (the compiled gather-reductions) or, where that compile is unavailable,
+        `_looped`: no sort, no grouped matmul over all E experts (on CPU `_grouped_mm` runs one matmul per expert,
+        empty or not), no weight copy. Measured in `densa bench moe` (`decode_reduced_us`, `decode_looped_us`
+        against `decode_grouped_us`; docs/benchmarks.md)."""
         if self.impl != "auto":
             return self.impl == "looped"
         fits = weights_TK.numel() <= self.gate_up_proj.shape[0]
         return (fits and not self._needs_grad(x_TD, weights_TK) and x_TD.device.type == "cpu"
-                and not torch.compiler.is_compiling())
+                and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
     def _needs_grad(self, x_TD: Tensor, weights_TK: Tensor) -> bool:
         return torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad
@@ -140,6 +179,32 @@ class Experts(nn.Module):
                     gate_F, up_F = F.linear(x_D, self.gate_up_proj[e]).chunk(2)
                     out_D.add_(F.linear(F.silu(gate_F) * up_F, self.down_proj[e]), alpha=w)
         return out_TD
+
+    def _reduced(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """The FFN slots through the compiled `reduce_experts` (inference-only, like `_looped`, which it falls back
+        to, with a warning, if the compile fails)."""
+        if self._needs_grad(x_TD, weights_TK):
+            raise RuntimeError("Experts.impl='reduced' is inference-only; run it under torch.no_grad()")
+        E = self.gate_up_proj.shape[0]
+        tok_S, slot_S = (ids_TK < E).nonzero(as_tuple=True)  # the FFN slots; zero-computation ones cost nothing
+        if len(tok_S) == 0:
+            return torch.zeros_like(x_TD)
+        args = (x_TD, tok_S, ids_TK[tok_S, slot_S], weights_TK[tok_S, slot_S].to(x_TD.dtype), self.gate_up_proj,
+                self.down_proj)
+        fn = _compiled_reduce()
+        if fn is None:
+            return self._looped(x_TD, ids_TK, weights_TK)
+        if "ok" in _REDUCE:
+            return fn(*args)
+        try:  # the first call compiles: a machine without a C++ compiler falls back to the looped path
+            out = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: keep serving, slower
+            _REDUCE["failed"] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"densa: compiling the MoE decode kernel failed ({_REDUCE['failed'][:200]}); "
+                          "falling back to one matmul per expert", stacklevel=2)
+            return self._looped(x_TD, ids_TK, weights_TK)
+        _REDUCE["ok"] = True
+        return out
 
     def _gathered(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """The small-batch path: only the chosen FFN experts' weights are read, in one batched matmul each."""
