@@ -140,9 +140,13 @@ def test_reduced_experts_match_the_reference_and_fall_back_when_compiling_fails(
         layer.experts.impl = "reduced"
         torch.testing.assert_close(layer.experts(x_TD, r.ids_TK, r.weights_TK), ref, rtol=1e-5, atol=1e-5)
         layer.experts.impl = "auto"
-        if tokens * layer.top_k <= E:  # the automatic choice for a few tokens
-            assert moe_module._REDUCE.get("ok") and layer.experts.uses_looped(x_TD, r.weights_TK)
-            torch.testing.assert_close(layer.experts(x_TD, r.ids_TK, r.weights_TK), ref, rtol=1e-5, atol=1e-5)
+        assert moe_module._REDUCE.get("ok") and layer.experts.uses_reduced(x_TD, r.weights_TK)  # the automatic
+        torch.testing.assert_close(layer.experts(x_TD, r.ids_TK, r.weights_TK), ref, rtol=1e-5, atol=1e-5)  # choice
+        many = torch.randn(8 * E // layer.top_k + 1, D)  # past 8E slots: the grouped dispatch
+        assert not layer.experts.uses_reduced(many, layer.gate(many).weights_TK)
+        layer.experts.reduce_decode = False
+        assert not layer.experts.uses_reduced(x_TD, r.weights_TK)
+        layer.experts.reduce_decode = True
         tok_S, slot_S = (r.ids_TK < E).nonzero(as_tuple=True)
         eager = moe_module.reduce_experts(x_TD, tok_S, r.ids_TK[tok_S, slot_S], r.weights_TK[tok_S, slot_S],
                                           layer.experts.gate_up_proj, layer.experts.down_proj)

@@ -19,7 +19,7 @@ hidden 256, its dynamic routing), inference (no autograd), µs per call, each im
 `grouped` (sort + CPU `_grouped_mm`, the eager path before issue 15), `gathered` (copy the chosen experts' weights,
 one bmm each), `looped` (two `F.linear` per chosen expert on views of the weights: the eager fallback where no C++
 compiler is available) and `reduced` (the compiled gather-reductions, `reduce_experts`: what eager CPU decoding
-takes, `Experts.uses_looped`); `ratio_decode_looped_vs_grouped`, `ratio_decode_reduced_vs_looped`. The `smol_`
+takes, `Experts.uses_reduced`); `ratio_decode_looped_vs_grouped`, `ratio_decode_reduced_vs_looped`. The `smol_`
 decode keys time the same calls at a SmolLM2-135M conversion's expert shapes (hidden 576, E=16 of width 96, the 8
 FFN experts a 50% budget uses; 30 layers of distinct weights per call, as in one decoding step), with random weights
 and routing, beside `smol_decode_dense_us`: the dense SwiGLU FFN they come from (width 1536) on oneDNN-packed

@@ -14,7 +14,7 @@ Design choices (docs/moe.md, 'Design'):
   each; a tiny (T, S) combine matmul carries the gate weights back to the tokens. No sort, no grouped matmul, no
   scatter; zero-computation slots are dropped before any weight is read, so they cost nothing. At batch 1 it reads
   only the chosen experts' weights (index_select copies them once; the copy is what the matmul streams).
-- Eager CPU inference on a few tokens (T·K ≤ E: batch-1 decoding) runs the chosen experts as two fused
+- Eager CPU inference on up to 8E slots (T·K ≤ 8E: decoding at batch 1–8) runs the chosen experts as two fused
   gather-reductions (`_reduced`): `reduce_experts`, compiled once by inductor, reads each chosen expert's rows
   straight from the fused weights (no copy, no sort, none of the E per-expert matmuls that CPU `_grouped_mm` runs
   whether an expert has rows or not) in one generated kernel per projection. Where that compile is unavailable
@@ -97,7 +97,7 @@ class Experts(nn.Module):
     """E SwiGLU experts, fused. forward(x, ids, weights) computes the FFN slots (ids < E) and drops the rest."""
 
     impl = "auto"  # "auto" | "grouped_mm" | "split" | "gathered" | "reduced" | "looped": a runtime choice
-    reduce_decode = True  # "auto" runs a few tokens through the compiled `_reduced`; False: `_looped` (benches)
+    reduce_decode = True  # "auto" runs up to 8E slots through the compiled `_reduced`; False: as before (benches)
 
     def __init__(self, num_experts: int, hidden: int, width: int) -> None:
         super().__init__()
@@ -107,12 +107,10 @@ class Experts(nn.Module):
     def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         if self.uses_gathered(x_TD, ids_TK.shape[1]):
             return self._gathered(x_TD, ids_TK, weights_TK)
-        if self.uses_looped(x_TD, weights_TK):
-            if self.impl != "looped" and self.reduce_decode and _compiled_reduce() is not None:
-                return self._reduced(x_TD, ids_TK, weights_TK)
-            return self._looped(x_TD, ids_TK, weights_TK)
-        if self.impl == "reduced":
+        if self.uses_reduced(x_TD, weights_TK):
             return self._reduced(x_TD, ids_TK, weights_TK)
+        if self.uses_looped(x_TD, weights_TK):
+            return self._looped(x_TD, ids_TK, weights_TK)
         K, E = ids_TK.shape[1], self.gate_up_proj.shape[0]
         ids_S = ids_TK.flatten()
         order_S = ids_S.argsort(stable=True)  # sort the (token, slot) pairs by expert, once
@@ -147,17 +145,31 @@ class Experts(nn.Module):
         # split loop's graph breaks and recompilations (measured on CPU only; CUDA keeps E)
         return slots <= (4 * E if compiling and cpu else E) and (compiling or x_TD.device.type == "cuda")
 
+    def uses_reduced(self, x_TD: Tensor, weights_TK: Tensor) -> bool:
+        """Eager CPU inference on up to 8E slots (T·K <= 8E: decoding at batch 1 to 8 and more) runs the compiled
+        gather-reductions (`_reduced`). Per layer call, reduced against sort + `_grouped_mm` (2 threads): cpu-small-
+        moe 86 / 221 / 492 / 838 / 1,602 µs against 194 / 684 / 826 / 1,078 / 1,561 at 1 / 8 / 32 / 64 / 128
+        tokens; SmolLM2-sized experts (K=8 of E=16, 576 x 96) 357 / 829 / 1,169 / 1,871 / 3,131 against 728 /
+        1,616 / 1,502 / 1,937 / 2,684 at 1 / 8 / 16 / 32 / 64 tokens. 8E is where both still win; beyond, the
+        grouped matmul reads each expert once while the reductions read it once per slot."""
+        if self.impl != "auto":
+            return self.impl == "reduced"
+        return (self.reduce_decode and weights_TK.numel() <= 8 * self.gate_up_proj.shape[0]
+                and self._eager_cpu_inference(x_TD, weights_TK) and _compiled_reduce() is not None)
+
     def uses_looped(self, x_TD: Tensor, weights_TK: Tensor) -> bool:
-        """The eager CPU inference case for a few tokens (T·K <= E: batch-1 decoding): no gradient needed (to the
-        input, the experts or the router's gate weights), not under torch.compile or a dispatch mode (FLOP
-        counting). It runs `_reduced` (the compiled gather-reductions) or, where that compile is unavailable,
-        `_looped`: no sort, no grouped matmul over all E experts (on CPU `_grouped_mm` runs one matmul per expert,
-        empty or not), no weight copy. Measured in `densa bench moe` (`decode_reduced_us`, `decode_looped_us`
-        against `decode_grouped_us`; docs/benchmarks.md)."""
+        """The fallback for batch-1 decoding (T·K <= E) where `_reduced` is off or its compile failed: each chosen
+        FFN expert is two `F.linear` on views of the fused weights. No sort, no grouped matmul over all E experts
+        (on CPU `_grouped_mm` runs one matmul per expert, empty or not), no weight copy. Measured in `densa bench
+        moe` (`decode_looped_us` against `decode_grouped_us` and `decode_reduced_us`; docs/benchmarks.md)."""
         if self.impl != "auto":
             return self.impl == "looped"
-        fits = weights_TK.numel() <= self.gate_up_proj.shape[0]
-        return (fits and not self._needs_grad(x_TD, weights_TK) and x_TD.device.type == "cpu"
+        return weights_TK.numel() <= self.gate_up_proj.shape[0] and self._eager_cpu_inference(x_TD, weights_TK)
+
+    def _eager_cpu_inference(self, x_TD: Tensor, weights_TK: Tensor) -> bool:
+        """No gradient needed (to the input, the experts or the router's gate weights), on CPU, not under
+        torch.compile or a dispatch mode (FLOP counting)."""
+        return (not self._needs_grad(x_TD, weights_TK) and x_TD.device.type == "cpu"
                 and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
     def _needs_grad(self, x_TD: Tensor, weights_TK: Tensor) -> bool:
