@@ -1,6 +1,7 @@
 """The mixture-of-experts FFN (issue 3): dispatch against the per-token reference, routing, the budget controller,
 balancing, the transformers Mixtral peer check, counting, config errors and `densa inspect-routing`."""
 
+import threading
 import warnings
 
 import pytest
@@ -147,6 +148,11 @@ def test_reduced_experts_match_the_reference_and_fall_back_when_compiling_fails(
         layer.experts.reduce_decode = False
         assert not layer.experts.uses_reduced(x_TD, r.weights_TK)
         layer.experts.reduce_decode = True
+        elsewhere = []  # another thread (serve's engine) keeps the previous paths
+        worker = threading.Thread(target=lambda: elsewhere.append(layer.experts.uses_reduced(x_TD, r.weights_TK)))
+        worker.start()
+        worker.join()
+        assert elsewhere == [False]
         tok_S, slot_S = (r.ids_TK < E).nonzero(as_tuple=True)
         eager = moe_module.reduce_experts(x_TD, tok_S, r.ids_TK[tok_S, slot_S], r.weights_TK[tok_S, slot_S],
                                           layer.experts.gate_up_proj, layer.experts.down_proj)
@@ -411,3 +417,4 @@ def test_no_warnings_in_normal_training():
         warnings.simplefilter("error")
         model(ids, labels=ids).loss.backward()
         model.update_routing()
+
