@@ -97,10 +97,13 @@ def test_300_decoded_tokens_compile_a_bounded_number_of_graphs(name, most):
     cache = model.new_cache()
     with torch.no_grad():
         token = steps.prefill(torch.randint(0, 256, (2, 7)), cache).logits[:, -1:].argmax(-1)
+        # the eager prefill may compile the MoE experts' own kernel (densa/model/moe.py, reduce_experts): not the
+        # decode step's graphs, which are counted from here
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for _ in range(300):
             token = steps.decode(token, cache)[0].argmax(-1, keepdim=True)
     assert cache.steps == 307
-    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= most
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] - before <= most
 
 
 def test_generate_uses_the_switch_and_agrees():
