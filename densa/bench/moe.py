@@ -181,7 +181,6 @@ def _decode_calls(experts: Experts | list[Experts], x_TD: Tensor, ids_TK: Tensor
         return run_calls
 
     try:
-        call("reduced")()  # the first call compiles reduce_experts: not part of any timing
         ms = _time_interleaved({**{name: call(impl) for name, impl in (("grouped", "grouped_mm"),
                                                                         ("gathered", "gathered"),
                                                                         ("looped", "looped"),
