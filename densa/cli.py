@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from densa import malloc
+
 # name -> (module, one-line help). `bench` and `study` have their own sub-tables in their modules.
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("densa.quickstart", "the main job on embedded defaults: build, run and measure a small model"),
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     command_parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = command_parser.parse_args(argv[1:])
+    malloc.tune()  # reuse freed memory instead of page-faulting it back every step (densa/malloc.py)
     try:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:

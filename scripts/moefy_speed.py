@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from densa import malloc
 from densa.model.moe import Experts
 from densa.moefy import teal
 from densa.moefy.calibrate import calibration_windows, corpus_text, encode
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--looped", action="store_true", help="also time the headline on the looped expert path")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    malloc.tune()  # as the `densa` command does (densa/malloc.py)
     state = json.loads((args.run / "state.json").read_text())
     cfg = state["config"]
     halves = {name: row["val_bpb"] for name, row in state["rows"].items()
@@ -74,7 +76,8 @@ def main() -> None:
                   f" ms/token (CPU busy x{busy:.2f} of {torch.get_num_threads()} threads)", flush=True)
             for key, value in ms.items():
                 best.setdefault(name, {})[key] = min(value, best.get(name, {}).get(key, float("inf")))
-    result: dict[str, object] = {"run": str(args.run), "threads": torch.get_num_threads(), "rounds": args.rounds}
+    result: dict[str, object] = {"run": str(args.run), "threads": torch.get_num_threads(), "rounds": args.rounds,
+                                 "malloc": malloc.STATUS}
     for name, ms in best.items():
         result |= {f"{name}_{key}": round(value, 3) for key, value in ms.items()}
         if name != "dense":

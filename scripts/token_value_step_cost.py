@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from densa import malloc
 from densa.align.config import load_recipe
 from densa.align.grpo import run_grpo
 from densa.align.logs import read_jsonl
@@ -27,7 +28,7 @@ SMALL = ["task.train_size=200", "task.heldout_size=4"]
 
 
 def measure(steps: int, precisions: list[str], out: Path) -> dict:
-    result: dict = {"threads": torch.get_num_threads(), "steps": steps}
+    result: dict = {"threads": torch.get_num_threads(), "steps": steps, "malloc": malloc.STATUS}
     for precision in precisions:
         recipe = load_recipe("recipes/sft-arithmetic-smollm2.yaml", [f"sft.steps={steps}", "sft.log_interval=1",
                                                                      f"sft.precision={precision}", *SMALL])
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--out", help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     precisions = args.precisions.split(",")
+    malloc.tune()  # as the `densa` command does (densa/malloc.py)
     if args.steps < 1 or not set(precisions) <= {"fp32", "bf16"}:
         parser.error("--steps must be >= 1 and --precisions a list of fp32, bf16")
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import time
 
+from densa import malloc
 from densa.report.flat import emit
 
 BENCHES: dict[str, tuple[str, str]] = {
@@ -50,6 +51,6 @@ def main(args: argparse.Namespace) -> None:
             raise SystemExit("--model: only `densa bench decode` and `densa bench prefill` take a model")
         options["model"] = args.model
     start = time.perf_counter()
-    result = {**module.run(quick=args.quick, **options), "quick": args.quick,
+    result = {**module.run(quick=args.quick, **options), "quick": args.quick, "malloc": malloc.STATUS,
               "wall_s": round(time.perf_counter() - start, 1)}  # every bench's JSON says how it was run
     emit(result, args.json)

@@ -19,8 +19,9 @@ Design choices (docs/moe.md, 'Design'):
   straight from the fused weights (no copy, no sort, none of the E per-expert matmuls that CPU `_grouped_mm` runs
   whether an expert has rows or not) in one generated kernel per projection. Where that compile is unavailable
   (no C++ compiler) it loops instead, two `F.linear` per chosen expert on views of the weights (`_looped`), which
-  costs a dispatch per expert: SmolLM2-sized experts (30 layers x 8 of 16 experts, 576 x 96) took 19.2 ms per
-  token that way, 9.1 ms reduced, against 16.6 ms for the dense FFN on packed weights (`densa bench moe`).
+  costs a dispatch per expert: SmolLM2-sized experts (30 layers x 8 of 16 experts, 576 x 96) took 19.2 / 19.9 ms
+  per token that way, 9.1 / 6.8 ms reduced, against 16.6 / 15.6 ms for the dense FFN on packed weights (two runs
+  of `densa bench moe`, docs/benchmarks.md).
 - Identity experts add w·x (an axpy, no GEMM); null experts add nothing.
 - Monitoring: each forward records the router losses and cheap batch metrics in `aux`; in training mode it also
   accumulates the step's load statistics, which `update_routing()` (once per optimizer step) all-reduces over the
