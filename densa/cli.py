@@ -31,6 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("densa.study", "studies that test densa's claims at equal compute and write their evidence"),
 }
 
+# commands left on glibc's default malloc: a long-lived server with varying shapes would hold its peak and fragment
+SYSTEM_MALLOC = {"serve"}
+
 EPILOG = """\
 Every command explains its flags with --help, e.g. `densa init --help`.
 Errors are one line on stderr naming the bad input, with exit status 1 (2 for usage errors)."""
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     command_parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = command_parser.parse_args(argv[1:])
-    malloc.tune()  # reuse freed memory instead of page-faulting it back every step (densa/malloc.py)
+    if name not in SYSTEM_MALLOC:
+        malloc.tune()  # reuse freed memory instead of page-faulting it back every step (densa/malloc.py)
     try:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:

@@ -73,3 +73,18 @@ def test_the_densa_command_tunes_malloc_before_running_a_command(monkeypatch: py
     monkeypatch.setattr(malloc, "STATUS", "untouched")
     assert cli.main(["fake"]) == 0
     assert seen == ["tuned (fake)"]
+
+
+def test_densa_serve_keeps_glibcs_default_malloc(monkeypatch: pytest.MonkeyPatch) -> None:
+    from densa import cli
+
+    seen = []
+    command = types.ModuleType("densa_fake_serve")
+    command.add_arguments = lambda parser: None
+    command.main = lambda args: seen.append(malloc.STATUS)
+    monkeypatch.setitem(sys.modules, "densa_fake_serve", command)
+    monkeypatch.setitem(cli.COMMANDS, "serve", ("densa_fake_serve", "a server that records the malloc status"))
+    monkeypatch.setattr(malloc, "_tune", lambda: "tuned (fake)")
+    monkeypatch.setattr(malloc, "STATUS", "untouched")
+    assert cli.main(["serve"]) == 0
+    assert seen == ["untouched"]
