@@ -5,7 +5,7 @@ it back to the OS on `free`; it also trims the heap's free top above 128 KiB. A 
 frees the same large activations every step, so every step pays one page fault per 4 KiB page it first writes.
 Measured (`scripts/malloc_ab.py`, docs/results/malloc.json; docs/benchmarks.md, "Allocator"): a cpu-small-moe
 training step (batch 8 x 512, fp32, one model per process as `densa train` runs) took about 225,000 page faults with
-glibc's defaults and 1-5,000 with `tune()`; the densa model trained 1.41x / 1.59x faster in two rounds, its dense
+glibc's defaults and 5,083 and 1 with `tune()`; the densa model trained 1.41x / 1.59x faster in two rounds, its dense
 twin 1.11x / 1.31x, at 10-14% more peak memory. Inside `densa bench moe` (one layer, many variants in one process)
 the densa layer measured 5-10% slower with it.
 
