@@ -384,6 +384,53 @@ def test_command_line(tmp_path, capsys):
     assert "--port must be in 0..65535" in capsys.readouterr().err
 
 
+def test_densa_serve_runs_the_engine_on_its_main_thread_and_drains_on_ctrl_c(model, tokenizer):
+    """`densa serve` decodes on the thread that loaded the model (a second thread running torch's kernels makes
+    libgomp stop spin-waiting: `Engine.run`) and serves HTTP from another; Ctrl-C finishes the request in flight,
+    then both stop."""
+    import os
+    import signal
+
+    import uvicorn
+
+    from densa.serve.app import ServeConfig, build_app
+    from densa.serve.command import bind, run_on_main_thread
+
+    app = build_app(model, tokenizer, ServeConfig(model_name="tiny", context=CONTEXT), engine_thread=False)
+    engine, decoding_threads = app.state.engine, set()
+    step = engine._decode_step
+
+    def recorded_step() -> None:
+        decoding_threads.add(threading.current_thread())
+        step()
+
+    engine._decode_step = recorded_step
+    sock = bind("127.0.0.1", 0)
+    base = "http://{}:{}".format(*sock.getsockname()[:2])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    answers: list[str] = []
+
+    def client() -> None:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stream = _open_stream(base, 40)
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith(b"data: "))  # in flight
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        answers.extend(line.decode() for line in lines if line.startswith(b"data: "))
+
+    threading.Thread(target=client, daemon=True).start()
+    before = signal.getsignal(signal.SIGINT)
+    run_on_main_thread(app, server, sock)  # returns once the request is answered and the server is down
+    sock.close()
+    assert decoding_threads == {threading.main_thread()}
+    assert answers[-1] == "data: [DONE]"
+    tokens = sum(len(json.loads(a[6:])["choices"][0]["logprobs"]["tokens"]) for a in answers[:-1])
+    assert tokens == 39  # the request's 40 tokens, the first read before the signal
+    assert signal.getsignal(signal.SIGINT) is before and not engine.running
+
+
 def test_bench_phase_measures_a_live_server(url):
     """`densa bench serve`'s measurement on the tiny server: structure only (speed goals live in the bench)."""
     from densa.bench.serve import _phase

@@ -60,7 +60,7 @@ def _write_model(root: Path, name: str, cfg: ModelConfig) -> Path:
 
 
 def _start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "densa", "serve", str(model_dir), "--port", "0", "--max-batch", "8",
            "--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

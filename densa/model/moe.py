@@ -34,7 +34,6 @@ F expert width, S routed (token, FFN expert) pairs, n pairs of one expert.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from dataclasses import dataclass
 
@@ -154,14 +153,13 @@ class Experts(nn.Module):
         tokens; SmolLM2-sized experts (K=8 of E=16, 576 x 96) 357 / 829 / 1,169 / 1,871 / 3,131 against 728 /
         1,616 / 1,502 / 1,937 / 2,684 at 1 / 8 / 16 / 32 / 64 tokens. 8E is where both still win; beyond, the
         grouped matmul reads each expert once while the reductions read it once per slot.
-        Main thread only. Called from another thread (`densa serve`'s engine), the compiled kernel measured slower at
-        one client in `densa bench serve` (cpu-small-moe): 40.7 and 48.3 tokens/s in two runs with it, against 67.8,
-        74.3 and 71.6 without it. At 8 clients the runs were inconclusive: 216–223 against 172–321. The cause is not
-        established. In the main thread the same model's batch-1 step showed no such loss."""
+        It once ran on the main thread only: `densa serve`'s engine thread measured it slower. The cause was not
+        the kernel but the thread: the model had been loaded on the main thread, and with two OS threads running
+        parallel kernels libgomp stops spin-waiting, so every kernel on either thread pays a wake-up
+        (`Engine.run`; `densa serve` now decodes on its main thread)."""
         if self.impl != "auto":
             return self.impl == "reduced"
         return (self.reduce_decode and weights_TK.numel() <= 8 * self.gate_up_proj.shape[0]
-                and threading.current_thread() is threading.main_thread()
                 and self._eager_cpu_inference(x_TD, weights_TK) and _compiled_reduce() is not None)
 
     def uses_looped(self, x_TD: Tensor, weights_TK: Tensor) -> bool:

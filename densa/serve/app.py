@@ -107,8 +107,10 @@ class Guard:
                 return bytes(body)
 
 
-def build_app(model: DensaModel, tokenizer: Any, cfg: ServeConfig) -> FastAPI:
-    """The server for one model. The engine thread starts and stops with the app's lifespan."""
+def build_app(model: DensaModel, tokenizer: Any, cfg: ServeConfig, engine_thread: bool = True) -> FastAPI:
+    """The server for one model. With `engine_thread` the engine starts in its own thread with the app's lifespan;
+    without it the caller runs `app.state.engine.run()` on the thread that loaded the model (`densa serve` does:
+    see `Engine.run`). Either way the lifespan's end stops the engine."""
     vocab = model.config.vocab_size
     if len(tokenizer) > vocab:  # its ids past the vocabulary would be index errors inside the model
         raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary has {vocab}: serve "
@@ -123,7 +125,8 @@ def build_app(model: DensaModel, tokenizer: Any, cfg: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if engine_thread:
+            engine.start()
         yield
         engine.stop()
         handlers.close()

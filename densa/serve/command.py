@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import threading
 import time
@@ -85,14 +86,45 @@ def main(args: argparse.Namespace) -> None:
                       max_tokens_limit=args.max_tokens_limit, context=context,
                       usd_per_hour=usd_per_hour(args.hardware, args.usd_per_hour), hardware=args.hardware,
                       max_request_bytes=args.max_request_bytes, chat_only=args.chat_only, compile=args.compile)
-    app = build_app(resolved.model, tokenizer, cfg)
+    app = build_app(resolved.model, tokenizer, cfg, engine_thread=False)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     key = ", API key required" if cfg.api_key else ""
     chat = ", chat only" if cfg.chat_only else ""
     print(f"densa serve: {cfg.model_name!r} on http://{host}:{port}/v1 (batch {cfg.max_batch}, queue "
           f"{cfg.max_queue}, context {cfg.context}, ${cfg.usd_per_hour}/h{key}{chat})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    run_on_main_thread(app, uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)), sock)
+
+
+def run_on_main_thread(app: FastAPI, server: uvicorn.Server, sock: socket.socket) -> None:
+    """Serve HTTP from a thread and run the engine here, on the thread that loaded the model: a second thread
+    running torch's parallel kernels would make libgomp stop spin-waiting for the whole process (`Engine.run`).
+    Ctrl-C or SIGTERM shuts down as uvicorn does on its own: stop accepting, finish the requests in flight (the
+    engine keeps decoding them), then stop; a second signal stops at once."""
+    engine = app.state.engine
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:  # whatever ended the server (a signal, a startup failure) ends the engine loop too
+            engine.stop()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if server.should_exit:
+            server.force_exit = True
+            engine.stop()
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=serve_http, name="densa-http", daemon=True)
+    http.start()
+    try:
+        engine.run()
+    finally:
+        server.should_exit = True
+        http.join(timeout=15)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -129,7 +129,7 @@ class Engine:
         self.cache: ModelCache | None = None
         self.admitting: list[Request] = []  # taken from the queue, not yet rows (an error must reach them too)
         self.cond = threading.Condition()
-        self.running = False
+        self.running = self.stop_requested = False
         self.thread: threading.Thread | None = None
 
     # ---- the HTTP side ----
@@ -149,15 +149,30 @@ class Engine:
         return len(self.rows)
 
     def start(self) -> None:
+        """Run the scheduler in a new thread (tests, embedding). `densa serve` calls `run()` on its main thread
+        instead: see `run`."""
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="densa-engine", daemon=True)
         self.thread.start()
 
+    def run(self) -> None:
+        """Run the scheduler in the calling thread until `stop()`. Torch's CPU kernels use OpenMP (libgomp), and a
+        process in which two OS threads have run parallel kernels keeps a team per thread; once libgomp manages more
+        threads than there are CPUs it stops spin-waiting, so every parallel kernel pays a sleep and a wake-up (a
+        65k-element multiply: 5 µs on the model-loading thread, 52–68 µs on a second thread). `densa serve` loads
+        the model on its main thread, so the model must run there too; HTTP is served from another thread, which
+        runs no parallel kernels."""
+        with self.cond:
+            if self.stop_requested:  # stopped before it ran (e.g. the HTTP server failed to start)
+                return
+            self.running = True
+        self._loop()
+
     def stop(self) -> None:
         with self.cond:
-            self.running = False
+            self.running, self.stop_requested = False, True
             self.cond.notify()
-        if self.thread is not None:
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=10)
 
     # ---- the scheduler thread ----
