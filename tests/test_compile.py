@@ -54,6 +54,28 @@ def test_eager_decode_step_equals_forward(name):
     assert a.steps == b.steps and torch.equal(a.positions, b.positions)
 
 
+@pytest.mark.parametrize("name", ["mega", "megalodon-all"])
+def test_eager_ring_extent_equals_the_whole_ring(name):
+    """An eager Mega step reads only the ring slots its rows can see (`Positions.ring_extent`); a compiled one reads
+    the whole ring, masked. Both ways from one prefill, rows at positions 13 / 8 / 1, 40 steps: every row crosses
+    chunk boundaries (chunk 16), where the extent goes from `extent` to the host-read bound."""
+    model = tiny_model(**MODELS[name])
+    ids, mask = left_padded_batch()
+    a, b = model.new_cache(), model.new_cache()
+    with torch.no_grad():
+        token = model(ids, cache=a, attention_mask=mask).logits[:, -1:].argmax(-1)
+        model(ids, cache=b, attention_mask=mask)
+        for _ in range(40):
+            for cache in (a, b):
+                cache.reserve(cache.steps + 1)
+            sliced, _ = model.decode_step(token, a, a.steps + 1)
+            whole, _ = model.decode_step(token, b)
+            a.steps, b.steps = a.steps + 1, b.steps + 1
+            torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
+            token = sliced.argmax(-1, keepdim=True)
+    assert int(a.positions.min()) > model.config.attn_chunk_size
+
+
 def compiled_equals_eager(name: str, backend: str) -> None:
     torch._dynamo.reset()
     model = tiny_model(**MODELS[name])

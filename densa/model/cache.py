@@ -251,6 +251,21 @@ class Positions:
     # position slots in use once these tokens are written (every row's positions are below it): eager steps attend
     # over these slots only; None (a compiled step: fixed shapes) attends over the whole reserved buffer, masked
     extent: int | None = None
+    _rings: dict[int, int] = field(default_factory=dict, repr=False)  # ring_extent's answers, per ring size
+
+    def ring_extent(self, slots: int) -> int | None:
+        """How many leading slots of a ring of `slots` (slot = position mod `slots`, a Mega layer's chunk) an eager
+        one-token decoding step must read: a token at position p sees only its own chunk's keys, which sit in slots
+        0 .. p mod `slots`. None for a compiled step (`extent` None: fixed shapes, the whole ring, masked). While
+        every row is in its first chunk this is `extent` itself; later it takes one host read of the rows'
+        positions, once per step for all layers (a CPU tensor in eager decoding: microseconds)."""
+        if self.extent is None:
+            return None
+        if self.extent <= slots:
+            return self.extent
+        if slots not in self._rings:
+            self._rings[slots] = int(self.start_B.remainder(slots).max()) + 1
+        return self._rings[slots]
 
     @classmethod
     def step(cls, cache: ModelCache, extent: int | None = None) -> Positions:

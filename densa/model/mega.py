@@ -155,7 +155,8 @@ class MovingAverageGatedAttention(nn.Module):
             else:
                 cache.ema_state.copy_(ema_state.detach())
             cache.step(k, v, pos.ids_BT[:, 0])
-            o = positional_attention(q, cache.k, cache.v, pos.ids_BT, cache.k_pos, c, scale)
+            S = pos.ring_extent(c) or c  # eager: the ring slots this step can see; compiled: all, masked
+            o = positional_attention(q, cache.k[:, :, :S], cache.v[:, :, :S], pos.ids_BT, cache.k_pos[:, :S], c, scale)
         else:
             k_pos = pos.ids_BT if valid is None else pos.ids_BT.masked_fill(~valid, -1)
             if pos.first_step == 0:  # fresh sequences (every row at position 0): the fast path
