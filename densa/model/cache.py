@@ -23,8 +23,9 @@ Shape letters: B batch, H heads, S slots, T new tokens, z / v per-head key / val
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -251,7 +252,14 @@ class Positions:
     # position slots in use once these tokens are written (every row's positions are below it): eager steps attend
     # over these slots only; None (a compiled step: fixed shapes) attends over the whole reserved buffer, masked
     extent: int | None = None
-    _rings: dict[int, int] = field(default_factory=dict, repr=False)  # ring_extent's answers, per ring size
+    _shared: dict = field(default_factory=dict, repr=False)  # what `shared` made, by key
+
+    def shared(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """`make()`, once per forward for all the layers that ask with the same `key`: every layer sees the same
+        positions, so tables made from them (RoPE's cos/sin, the ring extent) are made once, not once per layer."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def ring_extent(self, slots: int) -> int | None:
         """How many leading slots of a ring of `slots` (slot = position mod `slots`, a Mega layer's chunk) an eager
@@ -263,9 +271,7 @@ class Positions:
             return None
         if self.extent <= slots:
             return self.extent
-        if slots not in self._rings:
-            self._rings[slots] = int(self.start_B.remainder(slots).max()) + 1
-        return self._rings[slots]
+        return self.shared(("ring", slots), lambda: int(self.start_B.remainder(slots).max()) + 1)
 
     @classmethod
     def step(cls, cache: ModelCache, extent: int | None = None) -> Positions:

@@ -104,10 +104,20 @@ class Rotary(nn.Module):
 
     def forward(self, x_BHTd: Tensor, positions: Tensor) -> Tensor:
         """Rotate by `positions`: (T,) shared by the batch, or (B, T) per row."""
+        return self.rotate(x_BHTd, *self.cos_sin(positions))
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The fp32 tables for `positions`: (T, d), or (B, 1, T, d) for per-row (B, T) positions. Every layer of a
+        model has the same frequencies, so a forward computes them once (`Positions.shared`) and rotates q and k of
+        every layer with them."""
         freqs = positions.float()[..., None] * self.inv_freq  # (T, d/2) or (B, T, d/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         if emb.dim() == 3:
             emb = emb[:, None]  # (B, 1, T, d): broadcast over heads
-        cos, sin = emb.cos().to(x_BHTd.dtype), emb.sin().to(x_BHTd.dtype)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def rotate(x_BHTd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        cos, sin = cos.to(x_BHTd.dtype), sin.to(x_BHTd.dtype)
         x1, x2 = x_BHTd.chunk(2, dim=-1)
         return x_BHTd * cos + torch.cat([-x2, x1], dim=-1) * sin
