@@ -32,16 +32,23 @@ def left_padded_batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_eager_decode_step_equals_forward(name):
-    """The static step (ring / slot buffers written in place) against the checked forward on the same cache type,
-    with rows at different positions, across chunk boundaries (tiny chunk = 16)."""
-    model = tiny_model(**MODELS[name])
+def two_prefilled_caches(model):
+    """The left-padded batch prefilled into two caches: (the greedy next tokens (B, 1), cache a, cache b)."""
     ids, mask = left_padded_batch()
     a, b = model.new_cache(), model.new_cache()
     with torch.no_grad():
         token = model(ids, cache=a, attention_mask=mask).logits[:, -1:].argmax(-1)
         model(ids, cache=b, attention_mask=mask)
+    return token, a, b
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eager_decode_step_equals_forward(name):
+    """The static step (ring / slot buffers written in place) against the checked forward on the same cache type,
+    with rows at different positions, across chunk boundaries (tiny chunk = 16)."""
+    model = tiny_model(**MODELS[name])
+    token, a, b = two_prefilled_caches(model)
+    with torch.no_grad():
         steps = inference_steps(model, "off")
         for _ in range(25):
             ref = model(token, cache=a)
@@ -60,17 +67,14 @@ def test_eager_ring_extent_equals_the_whole_ring(name):
     the whole ring, masked. Both ways from one prefill, rows at positions 13 / 8 / 1, 40 steps: every row crosses
     chunk boundaries (chunk 16), where the extent goes from `extent` to the host-read bound."""
     model = tiny_model(**MODELS[name])
-    ids, mask = left_padded_batch()
-    a, b = model.new_cache(), model.new_cache()
+    token, a, b = two_prefilled_caches(model)
     with torch.no_grad():
-        token = model(ids, cache=a, attention_mask=mask).logits[:, -1:].argmax(-1)
-        model(ids, cache=b, attention_mask=mask)
+        steps = inference_steps(model, "off")  # eager: passes the extent, so the ring is sliced
         for _ in range(40):
-            for cache in (a, b):
-                cache.reserve(cache.steps + 1)
-            sliced, _ = model.decode_step(token, a, a.steps + 1)
-            whole, _ = model.decode_step(token, b)
-            a.steps, b.steps = a.steps + 1, b.steps + 1
+            sliced, _ = steps.decode(token, a)
+            b.reserve(b.steps + 1)
+            whole, _ = model.decode_step(token, b)  # no extent, as a compiled step: the whole ring
+            b.steps += 1
             torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
             token = sliced.argmax(-1, keepdim=True)
     assert int(a.positions.min()) > model.config.attn_chunk_size

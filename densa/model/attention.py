@@ -38,9 +38,7 @@ class CausalSelfAttention(nn.Module):
         q = q.reshape(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
         k = k.reshape(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
         v = v.reshape(B, T, Hkv, d).transpose(1, 2)
-        rope = pos.shared(("rope", self.rotary.head_dim, self.rotary.theta),
-                          lambda: self.rotary.cos_sin(pos.ids_BT))  # per-row positions (left padding)
-        q, k = self.rotary.rotate(q, *rope), self.rotary.rotate(k, *rope)
+        q, k = self.rotary(q, k, pos)  # per-row positions (left padding)
         valid = pos.valid_BT  # (B, T) False at padding, or None when there is none
         if cache is not None and T == 1 and valid is None and cache.k is not None:  # decoding: in place
             cache.step(k, v, pos.ids_BT[:, 0])

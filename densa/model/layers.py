@@ -5,11 +5,16 @@ Shape letters: B batch, T time, D hidden, G norm groups, H heads, d head width.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densa.model.fastlinear import fused_outputs
+
+if TYPE_CHECKING:
+    from densa.model.cache import Positions
 
 
 class RMSNorm(nn.Module):
@@ -102,14 +107,19 @@ class Rotary(nn.Module):
         d = self.head_dim
         self.inv_freq.copy_(1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
 
-    def forward(self, x_BHTd: Tensor, positions: Tensor) -> Tensor:
-        """Rotate by `positions`: (T,) shared by the batch, or (B, T) per row."""
-        return self.rotate(x_BHTd, *self.cos_sin(positions))
+    def forward(self, q_BHTd: Tensor, k_BHTd: Tensor, pos: Positions, modulus: int | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """Rotate queries and keys by the positions of `pos` (taken mod `modulus`: Mega's chunk-local positions).
+        The tables depend only on the positions, the head width and theta, so a forward makes them once for all its
+        layers (`Positions.shared`)."""
+        def make() -> tuple[Tensor, Tensor]:
+            return self.cos_sin(pos.ids_BT if modulus is None else pos.ids_BT % modulus)
+
+        cos, sin = pos.shared(("rope", self.head_dim, self.theta, modulus), make)
+        return self.rotate(q_BHTd, cos, sin), self.rotate(k_BHTd, cos, sin)
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """The fp32 tables for `positions`: (T, d), or (B, 1, T, d) for per-row (B, T) positions. Every layer of a
-        model has the same frequencies, so a forward computes them once (`Positions.shared`) and rotates q and k of
-        every layer with them."""
+        """The fp32 tables for `positions`: (T, d), or (B, 1, T, d) for per-row (B, T) positions."""
         freqs = positions.float()[..., None] * self.inv_freq  # (T, d/2) or (B, T, d/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         if emb.dim() == 3:

@@ -147,9 +147,7 @@ class MovingAverageGatedAttention(nn.Module):
         v = F.silu(self.v_proj(x_BTD)).view(B, T, H, V // H).transpose(1, 2)  # (B, H, T, v)
         z, r, hx = self.mx_proj(mx_BTD).split([Z, V, D], dim=-1)
         q, k, scale = self._queries_keys(z.view(B, T, H, Z // H).transpose(1, 2))  # (B, H, T, z)
-        rope = pos.shared(("rope", self.rotary.head_dim, self.rotary.theta, c),
-                          lambda: self.rotary.cos_sin(pos.ids_BT % c))  # chunk-local RoPE positions
-        q, k = self.rotary.rotate(q, *rope), self.rotary.rotate(k, *rope)
+        q, k = self.rotary(q, k, pos, c)  # chunk-local RoPE positions
 
         if decoding:  # write this step's key into its ring slot, then attend over the ring
             if cache.k is None:  # a one-token prompt: the ring starts empty
