@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densa.model.mega import _fused_width, chunked_attention, chunked_attention_reference
+from densa.model.cache import MegaLayerCache, Positions
+from densa.model.mega import (
+    _fused_width,
+    chunked_attention,
+    chunked_attention_reference,
+    positional_attention,
+    ring_attention,
+)
 
 
 @pytest.mark.parametrize("length", [1, 5, 16, 17, 48, 61])
@@ -48,3 +55,24 @@ def test_queries_after_a_cached_chunk_head():
         chunk_start = start // 8 * 8
         out = chunked_attention(q[:, :, start:], k[:, :, chunk_start:], v[:, :, chunk_start:], 8, 0.5)
         torch.testing.assert_close(out, full[:, :, start:], atol=1e-5, rtol=1e-5)
+
+
+def test_ring_attention_equals_positional_attention_over_a_written_ring():
+    """A decoding step's one-comparison mask (key at or after the query's chunk start) is the general positional
+    mask, for rows at different positions: in their first chunk, at a chunk's first token (the ring still holds
+    the previous chunk's keys), mid-chunk, and at a chunk's last slot."""
+    torch.manual_seed(0)
+    c, B, H = 8, 4, 2
+    ring = MegaLayerCache(slots=c)
+    ring.allocate(B, H, (4, 6), torch.zeros(1), torch.zeros(B, 1, 1))
+    ends = torch.tensor([3, 8, 13, 15])  # each row's decoding position
+    for p in range(int(ends.max()) + 1):
+        ids_B = torch.minimum(torch.full((B,), p), ends)  # rows that reached their end rewrite it (same keys)
+        pos = Positions(ids_B[:, None], None, ids_B, 1)
+        ring.step(torch.randn(B, H, 1, 4), torch.randn(B, H, 1, 6), pos)
+    q = torch.randn(B, H, 1, 4)
+    pos = Positions(ends[:, None], None, ends, 1)
+    out = ring_attention(q, ring.k, ring.v, ring.k_pos, pos.chunk_start(c), 0.5)
+    ref = positional_attention(q, ring.k, ring.v, ends[:, None], ring.k_pos, c, 0.5)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert pos.chunk_start(c).tolist() == [0, 8, 8, 8]

@@ -137,3 +137,21 @@ def test_logits_to_keep_computes_only_the_last_positions():
     torch.testing.assert_close(last, full[:, -3:], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="logits_to_keep=2: must be >= 0, and 0 \\(all positions\\) with labels"):
         model(ids, labels=ids, logits_to_keep=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_its_written_out_reference_with_gradients(dtype):
+    from densa.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 48, dtype=dtype, requires_grad=True)
+    fast = norm(x)
+    assert fast.dtype == dtype
+    torch.testing.assert_close(fast, norm.reference(x), atol=0, rtol=0)
+    (gx_fast, gw_fast), (gx_ref, gw_ref) = (torch.autograd.grad(y.float().pow(2).sum(), (x, norm.weight))
+                                            for y in (fast, norm.reference(x)))
+    torch.testing.assert_close(gx_fast, gx_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw_fast, gw_ref, atol=1e-5, rtol=1e-5)

@@ -41,7 +41,7 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(q, k, pos)  # per-row positions (left padding)
         valid = pos.valid_BT  # (B, T) False at padding, or None when there is none
         if cache is not None and T == 1 and valid is None and cache.k is not None:  # decoding: in place
-            cache.step(k, v, pos.ids_BT[:, 0])
+            cache.step(k, v, pos)
         elif cache is not None:
             cache.write(k, v, pos)
         if cache is None or pos.first_step == 0:  # a fresh sequence: attend over the new keys only

@@ -106,12 +106,12 @@ class MegaLayerCache:
         _, new_BS, p_BS = _slot_sources(pos, self.slots, ring=True)
         self.k_pos = torch.where(new_BS, p_BS, self.k_pos)
 
-    def step(self, k_BH1z: Tensor, v_BH1v: Tensor, pos_B: Tensor) -> None:
+    def step(self, k_BH1z: Tensor, v_BH1v: Tensor, pos: Positions) -> None:
         """Record one decoding step's key in place."""
-        slot_B = pos_B % self.slots
+        slot_B = pos.slot(self.slots)
         step_write(self.k, k_BH1z, slot_B)
         step_write(self.v, v_BH1v, slot_B)
-        self.k_pos.scatter_(1, slot_B[:, None], pos_B[:, None])
+        self.k_pos.scatter_(1, slot_B[:, None], pos.ids_BT)
 
     def select_rows(self, rows_B: Tensor) -> None:
         for name in ("ema_state", "k", "v", "k_pos"):
@@ -153,10 +153,10 @@ class KVLayerCache:
             self.k, self.v = k_BHTd.new_zeros(B, H, self.capacity, d), v_BHTd.new_zeros(B, H, self.capacity, d)
         self.k, self.v = slot_update(self.k, k_BHTd, pos, ring=False), slot_update(self.v, v_BHTd, pos, ring=False)
 
-    def step(self, k_BH1d: Tensor, v_BH1d: Tensor, pos_B: Tensor) -> None:
+    def step(self, k_BH1d: Tensor, v_BH1d: Tensor, pos: Positions) -> None:
         """Record one decoding step's key in place (the capacity was reserved ahead)."""
-        step_write(self.k, k_BH1d, pos_B)
-        step_write(self.v, v_BH1d, pos_B)
+        step_write(self.k, k_BH1d, pos.ids_BT[:, 0])
+        step_write(self.v, v_BH1d, pos.ids_BT[:, 0])
 
     def select_rows(self, rows_B: Tensor) -> None:
         if self.k is not None:
@@ -272,6 +272,15 @@ class Positions:
         if self.extent <= slots:
             return self.extent
         return self.shared(("ring", slots), lambda: int(self.start_B.remainder(slots).max()) + 1)
+
+    def chunk_start(self, chunk: int) -> Tensor:
+        """(B,) the first position of the chunk of `chunk` tokens that each row's first new token lies in (for a
+        decoding step: the chunk its query attends within), made once per forward for all layers."""
+        return self.shared(("chunk_start", chunk), lambda: self.ids_BT[:, 0] - self.ids_BT[:, 0] % chunk)
+
+    def slot(self, slots: int) -> Tensor:
+        """(B,) the ring slot (position mod `slots`) of each row's token in a decoding step, once for all layers."""
+        return self.shared(("slot", slots), lambda: self.ids_BT[:, 0] % slots)
 
     @classmethod
     def step(cls, cache: ModelCache, extent: int | None = None) -> Positions:

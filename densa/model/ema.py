@@ -133,7 +133,7 @@ def ema_reference(x_BDL: Tensor, co: EmaCoeffs, state_BDN: Tensor | None = None)
 def ema_step(x_BD: Tensor, co: EmaCoeffs, state_BDN: Tensor, q_DN: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One decoding step: h = p x + q h; y = Re(γ·h). Returns (y (B, D) fp32, new state). `q_DN` may pass the
     decay precomputed (`co.decay()`)."""
-    h = co.p_DN * x_BD[..., None].float() + (co.decay() if q_DN is None else q_DN) * state_BDN
+    h = torch.addcmul((co.decay() if q_DN is None else q_DN) * state_BDN, co.p_DN, x_BD[..., None].float())
     return (h * co.gamma_DN).sum(-1).real, h
 
 
@@ -359,8 +359,7 @@ class DampedEMA(nn.Module):
         if x_BLD.shape[1] == 1 and state_BDN is not None:
             co, q_DN, omega_D = self.step_coeffs()
             y_BD, state = ema_step(x_BLD[:, 0], co, state_BDN, q_DN)
-            y_BLD = y_BD[:, None]
-            return (y_BLD + omega_D * x_BLD.float()).to(x_BLD.dtype), state
+            return torch.addcmul(y_BD[:, None], omega_D, x_BLD.float()).to(x_BLD.dtype), state  # y + ω x
         c = min(self.chunk, x_BLD.shape[1])
         co, weights = self.kept("chunk", (c,), lambda: (co := self.coeffs(), chunk_weights(co, c, self.omega)))
         x_BDL = swap_time_channels(x_BLD.float())

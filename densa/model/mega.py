@@ -107,6 +107,15 @@ def positional_attention(q_BHTz: Tensor, k_BHSz: Tensor, v_BHSv: Tensor, q_pos_B
     return F.scaled_dot_product_attention(q_BHTz, k_BHSz, v_BHSv, attn_mask=mask_BTS[:, None], scale=scale)
 
 
+def ring_attention(q_BH1z: Tensor, k_BHSz: Tensor, v_BHSv: Tensor, k_pos_BS: Tensor, chunk_start_B: Tensor,
+                   scale: float) -> Tensor:
+    """`positional_attention` for one decoding step over a Mega layer's ring, after this step's key was written:
+    every key in a row's ring is at or before the row's position, and the row's own key is there, so the query
+    sees exactly the slots whose key lies at or after its chunk's start (one comparison; empty slots hold -1)."""
+    mask_BS = k_pos_BS >= chunk_start_B[:, None]
+    return F.scaled_dot_product_attention(q_BH1z, k_BHSz, v_BHSv, attn_mask=mask_BS[:, None, None], scale=scale)
+
+
 class MovingAverageGatedAttention(nn.Module):
     """The Mega sequence mixer: EMA → shared Z → chunked multi-head attention → reset gate → output projection."""
 
@@ -124,14 +133,18 @@ class MovingAverageGatedAttention(nn.Module):
         self.o_proj = nn.Linear(V, D)
         self.rotary = Rotary(Z // H, cfg.rope_theta)
 
-    def _queries_keys(self, z_BHTz: Tensor) -> tuple[Tensor, Tensor, float]:
+    def _queries_keys(self, z_BHTz: Tensor, pos: Positions) -> tuple[Tensor, Tensor, float]:
+        """q and k from the shared Z, rotated by chunk-local RoPE positions; both are made as one stacked tensor
+        (2, B, H, T, z), so the scale, bias and rotation are one op each rather than one per tensor."""
         if self.normalized:  # Megalodon: per-head RMS norm without affine, then /√z, so q·k is a cosine (times κ)
             z_BHTz = z_BHTz * torch.rsqrt(z_BHTz.pow(2).mean(-1, keepdim=True) + self.eps) / z_BHTz.shape[-1] ** 0.5
             scale = 1.0
         else:  # Mega: silu(Z) with the usual 1/√d temperature
             z_BHTz, scale = F.silu(z_BHTz), z_BHTz.shape[-1] ** -0.5
-        q = z_BHTz * (self.qk_scale[0] + 1) + self.qk_bias[0]
-        k = z_BHTz * (self.qk_scale[1] + 1) + self.qk_bias[1]
+        # (2, H, 1, z)[:, None] against (1, B, H, T, z): q = z (κ_q + 1) + μ_q, k likewise
+        qk = torch.addcmul(self.qk_bias[:, None], z_BHTz[None], self.qk_scale[:, None] + 1)
+        qk = Rotary.rotate(qk, *self.rotary.tables(pos, self.chunk))  # chunk-local RoPE positions
+        q, k = qk.unbind(0)
         return q, k, scale
 
     def forward(self, x_BTD: Tensor, pos: Positions, cache: MegaLayerCache | None = None) -> Tensor:
@@ -146,17 +159,16 @@ class MovingAverageGatedAttention(nn.Module):
         mx_BTD = F.silu(mx_BTD)  # X' (Mega: silu(EMA(x) + ω x))
         v = F.silu(self.v_proj(x_BTD)).view(B, T, H, V // H).transpose(1, 2)  # (B, H, T, v)
         z, r, hx = self.mx_proj(mx_BTD).split([Z, V, D], dim=-1)
-        q, k, scale = self._queries_keys(z.view(B, T, H, Z // H).transpose(1, 2))  # (B, H, T, z)
-        q, k = self.rotary(q, k, pos, c)  # chunk-local RoPE positions
+        q, k, scale = self._queries_keys(z.view(B, T, H, Z // H).transpose(1, 2), pos)  # (B, H, T, z) each
 
         if decoding:  # write this step's key into its ring slot, then attend over the ring
             if cache.k is None:  # a one-token prompt: the ring starts empty
                 cache.allocate(B, H, (Z // H, V // H), k, ema_state.detach())
             else:
                 cache.ema_state.copy_(ema_state.detach())
-            cache.step(k, v, pos.ids_BT[:, 0])
+            cache.step(k, v, pos)
             S = pos.ring_extent(c) or c  # eager: the ring slots this step can see; compiled: all, masked
-            o = positional_attention(q, cache.k[:, :, :S], cache.v[:, :, :S], pos.ids_BT, cache.k_pos[:, :S], c, scale)
+            o = ring_attention(q, cache.k[:, :, :S], cache.v[:, :, :S], cache.k_pos[:, :S], pos.chunk_start(c), scale)
         else:
             k_pos = pos.ids_BT if valid is None else pos.ids_BT.masked_fill(~valid, -1)
             if pos.first_step == 0:  # fresh sequences (every row at position 0): the fast path
