@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from densa.model.cache import KVLayerCache, MegaLayerCache
+from densa.model.cache import KVLayerCache, MegaLayerCache, Positions, slot_update, slots_write
 from densa.serve.batching import concat_caches, drop_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,3 +75,17 @@ def test_dense_capacity_doubles_and_is_released_when_rows_leave():
         before = joined.nbytes()
         model(ta, cache=joined)
         assert joined.nbytes() > before
+
+
+def test_in_place_slot_write_equals_the_general_gather():
+    """A padding-free multi-token write into a static K/V cache (slot = position) goes in place to its T slots
+    (`slots_write`); it leaves the buffer exactly as the general gather (`slot_update`) would, for rows continuing
+    from different positions, with the other slots untouched."""
+    torch.manual_seed(0)
+    buf = torch.randn(3, 2, 40, 5)
+    new = torch.randn(3, 2, 6, 5)
+    start = torch.tensor([0, 7, 30])
+    pos = Positions(start[:, None] + torch.arange(6), None, start, 31)
+    expected = slot_update(buf, new, pos, ring=False)
+    slots_write(buf, new, pos)
+    torch.testing.assert_close(buf, expected, atol=0, rtol=0)

@@ -68,6 +68,14 @@ def _slot_sources(pos: Positions, slots: int, ring: bool) -> tuple[Tensor, Tenso
     return src_BS, new_BS, p_BS
 
 
+def slots_write(buf_BHS: Tensor, new_BHT: Tensor, pos: Positions) -> None:
+    """`slot_update` for a static cache (slot = position) when every new column is a real token (no padding):
+    the T new keys written in place to their slots, touching T slots per row rather than the whole reserved
+    buffer (a prompt of 128 tokens into a cache reserved for 2,048 rewrote all 2,048 slots of every layer)."""
+    B, H, T, W = new_BHT.shape
+    buf_BHS.scatter_(2, pos.ids_BT[:, None, :, None].expand(B, H, T, W), new_BHT.detach().to(buf_BHS.dtype))
+
+
 def step_write(buf_BHS: Tensor, new_BH1: Tensor, slot_B: Tensor) -> None:
     """One decoding step's key (or value) written in place to each row's slot: no allocation, no host sync."""
     B, H, _, W = buf_BHS.shape
@@ -151,7 +159,11 @@ class KVLayerCache:
             B, H, T, d = k_BHTd.shape
             self.capacity = max(self.capacity, T + pos.first_step)
             self.k, self.v = k_BHTd.new_zeros(B, H, self.capacity, d), v_BHTd.new_zeros(B, H, self.capacity, d)
-        self.k, self.v = slot_update(self.k, k_BHTd, pos, ring=False), slot_update(self.v, v_BHTd, pos, ring=False)
+        if pos.valid_BT is None:  # no padding: write the new slots in place
+            slots_write(self.k, k_BHTd, pos)
+            slots_write(self.v, v_BHTd, pos)
+        else:  # left padding: padding columns must not reach a slot, so rebuild from the general gather
+            self.k, self.v = slot_update(self.k, k_BHTd, pos, ring=False), slot_update(self.v, v_BHTd, pos, ring=False)
 
     def step(self, k_BH1d: Tensor, v_BH1d: Tensor, pos: Positions) -> None:
         """Record one decoding step's key in place (the capacity was reserved ahead)."""
