@@ -195,6 +195,29 @@ def test_resume_continues_exactly(data, tmp_path, preset):
         assert any(k.startswith("routing/layers.0.") for k in records[0])
 
 
+def test_compiled_training_matches_eager_and_keeps_checkpoint_names(data, tmp_path, monkeypatch):
+    """`train.compile: on` compiles the model's forward in place (aot_eager here: the same tracing and
+    functionalisation as inductor, no C++ build): the losses follow the eager run's, the forward really ran
+    compiled, and the checkpoint loads into a plain model under the same names."""
+    import densa.train.loop as loop
+
+    monkeypatch.setattr(loop, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()  # no graphs from other tests: a second shape would make dynamo mark dimensions dynamic
+    cfg = config(data, steps=2, checkpoint_interval=2, eval_interval=2)
+    eager = train(tiny(), cfg, tmp_path / "eager", progress=False, peak=PEAK)
+    torch.manual_seed(cfg.seed)
+    model = DensaModel(tiny())
+    compiled = train(tiny(), config(data, steps=2, checkpoint_interval=2, eval_interval=2, compile="on"),
+                     tmp_path / "compiled", progress=False, peak=PEAK, model=model)
+    assert model._compiled_call_impl is not None  # nn.Module.compile ran
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), atol=1e-4, rtol=1e-4)
+    a, b = load_model(eager.checkpoint), load_model(compiled.checkpoint)
+    assert list(a.state_dict()) == list(b.state_dict())
+    with pytest.raises(ConfigError, match="compile"):
+        config(data, compile="yes")
+    torch._dynamo.reset()
+
+
 def test_muon_wsd_bf16_accumulation_runs(data, tmp_path):
     cfg = config(data, steps=3, optimizer="muon", schedule="wsd", bf16=True, grad_accum=2, sampling="sequential")
     result = train(tiny("tiny-moe"), cfg, tmp_path / "run", progress=False, peak=PEAK)

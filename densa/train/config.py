@@ -39,6 +39,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     bf16: bool = False  # bf16 autocast for the forward pass
+    # torch.compile of the training forward, the switch of densa/model/compile.py: on, off, or auto (= on on CUDA);
+    # off by default: on this CPU it measured 0.90-1.12x eager (`densa bench train`), not a consistent win
+    compile: Literal["auto", "on", "off"] = "off"
     seed: int = 0
     log_interval: int = 10  # steps between metrics.jsonl records
     eval_interval: int = 100  # steps between validation runs (and one at the end)

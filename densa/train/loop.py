@@ -39,6 +39,7 @@ from densa.data.pretrain import PretrainLoader, eval_batches
 from densa.data.reference import reference_cost
 from densa.data.tokenizer import load_tokenizer
 from densa.measure import nats_to_bits_per_byte, predicted_bytes, token_byte_lengths
+from densa.model.compile import CompileConfig, compile_training
 from densa.model.model import DensaModel
 from densa.train import distributed
 from densa.train.config import TrainConfig
@@ -56,6 +57,7 @@ from densa.train.state import (
 from densa.train.tensorboard import TensorBoardLog
 
 METRICS = "metrics.jsonl"
+COMPILE_BACKEND = "inductor"  # torch.compile backend of `train.compile` (tests use "aot_eager": no C++ build)
 
 
 @dataclass
@@ -246,6 +248,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path, resume: boo
     model = model if model is not None else DensaModel(model_cfg)
     model.train()
     wrapped = distributed.wrap(model, ctx)  # what the training forward calls: DDP(model), or model sharded in place
+    compile_training(model, CompileConfig(mode=cfg.compile, backend=COMPILE_BACKEND))  # in place, inside any wrapper
     optimizers = build_optimizers(model, cfg)  # after wrapping: FSDP2 replaced the parameters with DTensors
     rho1 = cfg.token_selection == "rho1"
     loader = PretrainLoader(cfg.data, "train", cfg.batch_size, cfg.context, cfg.seed, cfg.sampling,
