@@ -260,6 +260,15 @@ def test_moe_spend_lies_between_no_experts_and_all_slots(tmp_path):
     assert lo <= spent <= hi
 
 
+def test_the_compile_switch_reaches_the_hugging_face_model(checkpoint):
+    """`densa eval --compile on` sets the in-process model's `DensaConfig.compile`, which generate()'s steps read
+    (tests/test_hf.py checks the compiled generation equals the eager one)."""
+    from densa.eval.models import load
+
+    assert load(str(checkpoint), batch_size=1).lm.model.config.compile == "off"
+    assert load(str(checkpoint), batch_size=1, compile="on").lm.model.config.compile == "on"
+
+
 def test_a_generation_past_the_timeout_is_recorded_as_failed(checkpoint, tmp_path):
     (record,) = api.evaluate([str(checkpoint)], "gsm8k", 1, tmp_path / "out", max_gen_toks=4, item_timeout_s=1e-4,
                              progress=False)

@@ -61,6 +61,29 @@ def test_generate_cached_equals_uncached(variant):
     assert torch.equal(cached, hf.model.generate(ids, max_new_tokens=20))  # and equals densa's own sampler
 
 
+def test_generate_with_the_compile_switch_on_equals_eager(monkeypatch):
+    """`config.compile = "on"`: generate()'s one-token steps run densa's compiled decode step (aot_eager here: the
+    same tracing as inductor, no C++ build), for a left-padded MoE batch; the tokens equal the eager generate's."""
+    import densa.hf.modeling_densa as modeling
+
+    monkeypatch.setattr(modeling, "COMPILE_BACKEND", "aot_eager")
+    hf = _hf_model(ffn="moe", num_experts=8, num_experts_per_tok=2, num_null_experts=1, num_identity_experts=1,
+                   target_active_experts=1.5)
+    prompts = [torch.randint(1, 256, (n,)) for n in (5, 12)]
+    ids = torch.stack([torch.cat([torch.zeros(12 - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = (ids != 0).long()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    eager = hf.generate(ids, **kwargs)
+    assert hf.config.compile == "off" and "_inference_steps" not in hf.model.__dict__
+    hf.config.compile = "on"
+    compiled = hf.generate(ids, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert hf.model.__dict__["_inference_steps"][(True, "aot_eager")].compiled  # the compiled step ran
+    with pytest.raises(ValueError, match="compile"):
+        DensaConfig(compile="always")
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_left_padded_batch_equals_each_row_alone(variant):
     """Padding must not leak into the EMA, the norm statistics, the chunk boundaries or attention."""

@@ -43,14 +43,15 @@ def evaluate(models: list[str], tasks: list[str] | str, limit: int | dict[str, i
              resume: bool = False, progress: bool = True, contamination_corpus: str | None = None,
              max_gen_toks: int | None = None, item_timeout_s: float = 300.0, endpoint_tokenizer: str | None = None,
              labels: dict[str, str] | None = None, api_key_env: str = DEFAULT_KEY_ENV, price_in: float | None = None,
-             price_out: float | None = None, chat_template: bool = False) -> list[dict[str, Any]]:
+             price_out: float | None = None, chat_template: bool = False, compile: str = "off") -> list[dict[str, Any]]:
     """Evaluate `models` on `tasks` and write the report to `out`; returns the records (also in results.json).
 
     `limit` is one number for every task, a {task: n} dict (tasks not in it run in full), or None (all items).
     `labels` gives display names ({model spec: label}); the record's `model` is always the spec as given.
     Endpoints send the key in the environment variable `api_key_env` and are priced at `price_in`/`price_out`
     ($ per 1M input / output tokens) when given. `chat_template`: in-process models get their prompts through their
-    chat template, as `openai-chat:` endpoints do.
+    chat template, as `openai-chat:` endpoints do. `compile` ("auto" | "on" | "off"): densa/model/compile.py's switch
+    for in-process densa models' decoding steps (generation tasks and the latency probe).
     """
     from densa.cost import usd_per_hour as price_per_hour
 
@@ -78,7 +79,8 @@ def evaluate(models: list[str], tasks: list[str] | str, limit: int | dict[str, i
         label = (labels or {}).get(spec, spec)
         _say(progress, f"{label}: loading")
         model = load(spec, batch_size=batch_size, endpoint_tokenizer=endpoint_tokenizer,
-                     max_gen_toks=max_gen_toks or 256, key_env=api_key_env, chat_template=chat_template)
+                     max_gen_toks=max_gen_toks or 256, key_env=api_key_env, chat_template=chat_template,
+                     compile=compile)
         _say(progress, f"{label}: latency probe ({measure.PROMPT_TOKENS}-token prompts, {measure.NEW_TOKENS} new "
              f"tokens, batch 1 and {batch_size})")
         latency = _latency(model, out, batch_size, resume)
@@ -86,7 +88,7 @@ def evaluate(models: list[str], tasks: list[str] | str, limit: int | dict[str, i
         if model.kind == "endpoint" and list_price is not None:
             prices, source = list_price, "list price (--price-in/--price-out)"
         meta["models"][spec] = {"label": label, "kind": model.kind, "config_hash": model.config_hash, **model.info,
-                                "chat_template": model.chat, "price_source": source}
+                                "chat_template": model.chat, "price_source": source, "compile": compile}
         for task in task_names:
             store = runner.ItemStore(out / "items" / _slug(spec) / f"{task}.jsonl")
             entry = {"store": store, "latency": latency, "prices": prices, "spent": None, "price_source": source}

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contamination-corpus", default=None, metavar="C",
                         help="mark items whose 13-grams occur in corpus C (densa audit contamination; default: no "
                         "audit)" + OWN_DEFAULT)
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="off",
+                        help="torch.compile densa models' decoding step for generation tasks (densa/model/compile.py's "
+                        "switch; auto = on CUDA only; on this CPU a compile costs tens of seconds per model)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (one line per finished task is still printed)")
 
@@ -89,7 +92,8 @@ def main(args: argparse.Namespace) -> None:
                            progress=not args.no_progress, contamination_corpus=args.contamination_corpus,
                            max_gen_toks=max_gen, item_timeout_s=args.item_timeout,
                            endpoint_tokenizer=args.endpoint_tokenizer, labels=labels, api_key_env=args.api_key_env,
-                           price_in=args.price_in, price_out=args.price_out, chat_template=args.chat_template)
+                           price_in=args.price_in, price_out=args.price_out, chat_template=args.chat_template,
+                           compile=args.compile)
     print(f"\n{'model':<22}{'task':<15}{'score':>8}{'95% CI':>17}{'n':>5}{'GFLOP/tok':>11}{'$/1M':>9}"
           f"{'out tok':>9}")
     for r in records:

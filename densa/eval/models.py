@@ -61,16 +61,18 @@ def parse_endpoint(spec: str) -> tuple[str, str]:
 
 
 def load(spec: str, batch_size: int = 8, max_length: int | None = None, endpoint_tokenizer: str | None = None,
-         max_gen_toks: int = 256, key_env: str = DEFAULT_KEY_ENV, chat_template: bool = False) -> EvalModel:
+         max_gen_toks: int = 256, key_env: str = DEFAULT_KEY_ENV, chat_template: bool = False,
+         compile: str = "off") -> EvalModel:
     """Build the lm-eval LM for one MODEL argument (errors name the model and the valid forms). `chat_template`:
-    in-process models render prompts through their tokenizer's chat template, as a chat endpoint does."""
+    in-process models render prompts through their tokenizer's chat template, as a chat endpoint does. `compile`:
+    the decode-step switch of densa/model/compile.py for in-process models (`DensaConfig.compile`)."""
     if is_endpoint(spec):
         return _load_endpoint(spec, batch_size, max_length, endpoint_tokenizer, max_gen_toks, key_env)
-    return _load_local(spec, batch_size, max_length, max_gen_toks, chat_template)
+    return _load_local(spec, batch_size, max_length, max_gen_toks, chat_template, compile)
 
 
 def _load_local(spec: str, batch_size: int, max_length: int | None, max_gen_toks: int,
-                chat_template: bool = False) -> EvalModel:
+                chat_template: bool = False, compile: str = "off") -> EvalModel:
     from lm_eval.models.huggingface import HFLM
 
     from densa.counting import count_parameters
@@ -92,7 +94,8 @@ def _load_local(spec: str, batch_size: int, max_length: int | None, max_gen_toks
     cfg = resolved.model.config
     special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(tok, k, None) is not None}
-    hf_model = DensaForCausalLM(DensaConfig.from_model_config(cfg, architectures=["DensaForCausalLM"], **special))
+    hf_model = DensaForCausalLM(DensaConfig.from_model_config(cfg, architectures=["DensaForCausalLM"], compile=compile,
+                                                              **special))
     hf_model.model = resolved.model  # the same weights, no copy
     hf_model.eval()
     lm = HFLM(pretrained=hf_model, tokenizer=tok, backend="causal", batch_size=batch_size, device="cpu",

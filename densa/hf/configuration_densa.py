@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from densa.config import ConfigError, ModelConfig
+from densa.model.compile import CompileConfig
 
 _MODEL_FIELDS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 # keys PreTrainedConfig itself understands or writes (config.json of any HF model carries some of them)
@@ -26,6 +27,8 @@ class DensaConfig(PreTrainedConfig):
 
     def __init__(self, **kwargs: Any) -> None:
         fields = {name: kwargs.pop(name, default) for name, default in _MODEL_FIELDS.items()}
+        # densa/model/compile.py's switch for `generate()`'s decoding steps: "auto" | "on" | "off" (default)
+        self.compile = CompileConfig(mode=kwargs.pop("compile", "off")).mode
         unknown = sorted(k for k in kwargs if k not in _HF_KEYS and not k.startswith("_"))
         if unknown:
             raise ConfigError(f"unknown densa config field(s) {unknown}; valid fields: {', '.join(_MODEL_FIELDS)}")

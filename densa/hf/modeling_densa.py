@@ -31,10 +31,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from densa.hf.configuration_densa import DensaConfig
 from densa.model.cache import ModelCache, Positions
+from densa.model.compile import CompileConfig, inference_steps
 from densa.model.ema import DampedEMA
 from densa.model.layers import Rotary
 from densa.model.model import DensaModel, collect_routing
 from densa.model.moe import MoE, Routed
+
+COMPILE_BACKEND = "inductor"  # torch.compile backend when `config.compile` is on (tests use "aot_eager")
 
 
 @dataclass
@@ -214,6 +217,22 @@ class DensaForCausalLM(DensaPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Linear:
         return self.model.lm_head
 
+    def _compiled_step(self, input_ids: Tensor | None, attention_mask: Tensor | None, cache: ModelCache | None,
+                       inputs_embeds: Tensor | None, labels: Tensor | None, output_hidden_states: bool | None
+                       ) -> Tensor | None:
+        """With `config.compile` on (densa/model/compile.py's switch), a generation step (one new real token per
+        row of a prefilled cache, nothing else asked for) runs densa's compiled decode step: logits (B, 1, V).
+        None: the general path below (prompts, training, hidden states, and every step when the switch is off)."""
+        if (self.config.compile == "off" or self.training or cache is None or cache.steps == 0 or input_ids is None
+                or input_ids.shape[1] != 1 or inputs_embeds is not None or labels is not None or output_hidden_states):
+            return None
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            return None  # a padding column in a step: only the general path handles it
+        steps = inference_steps(self.model, CompileConfig(mode=self.config.compile, backend=COMPILE_BACKEND))
+        if not steps.compiled:  # "auto" off a GPU
+            return None
+        return steps.decode(input_ids, cache)[0][:, None]
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: ModelCache | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None, use_cache: bool | None = None,
@@ -239,6 +258,10 @@ class DensaForCausalLM(DensaPreTrainedModel, GenerationMixin):
             use_cache = False  # a cache is mutated in place: it cannot be recomputed
         if use_cache and cache is None:
             cache = self.model.new_cache()
+        logits = self._compiled_step(input_ids, attention_mask, cache, inputs_embeds, labels, output_hidden_states)
+        if logits is not None:
+            result = DensaCausalLMOutput(logits=logits, cache=cache)
+            return result if return_dict is not False else result.to_tuple()
         out = self.backbone()(input_ids, attention_mask, position_ids, cache if use_cache else None, inputs_embeds,
                               bool(output_hidden_states), cache_position)
         hidden = out.last_hidden_state  # (B, T, D)
