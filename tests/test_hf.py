@@ -79,6 +79,10 @@ def test_generate_with_the_compile_switch_on_equals_eager(monkeypatch):
     compiled = hf.generate(ids, **kwargs)
     assert torch.equal(compiled, eager)
     assert hf.model.__dict__["_inference_steps"][(True, "aot_eager")].compiled  # the compiled step ran
+    cache = hf.model.new_cache()
+    hf(ids, attention_mask=mask, cache=cache)
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # a step checks its tokens as the general path
+        hf(torch.full((2, 1), 999), cache=cache)
     with pytest.raises(ValueError, match="compile"):
         DensaConfig(compile="always")
     torch._dynamo.reset()

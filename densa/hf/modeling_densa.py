@@ -224,13 +224,15 @@ class DensaForCausalLM(DensaPreTrainedModel, GenerationMixin):
         row of a prefilled cache, nothing else asked for) runs densa's compiled decode step: logits (B, 1, V).
         None: the general path below (prompts, training, hidden states, and every step when the switch is off)."""
         if (self.config.compile == "off" or self.training or cache is None or cache.steps == 0 or input_ids is None
-                or input_ids.shape[1] != 1 or inputs_embeds is not None or labels is not None or output_hidden_states):
+                or input_ids.dim() != 2 or input_ids.shape[1] != 1 or inputs_embeds is not None or labels is not None
+                or output_hidden_states):
             return None
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             return None  # a padding column in a step: only the general path handles it
         steps = inference_steps(self.model, CompileConfig(mode=self.config.compile, backend=COMPILE_BACKEND))
         if not steps.compiled:  # "auto" off a GPU
             return None
+        check_input_ids(input_ids, self.config.vocab_size)  # as the general path: a clear error, not an index fault
         return steps.decode(input_ids, cache)[0][:, None]
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
