@@ -51,7 +51,8 @@ def evaluate(models: list[str], tasks: list[str] | str, limit: int | dict[str, i
     Endpoints send the key in the environment variable `api_key_env` and are priced at `price_in`/`price_out`
     ($ per 1M input / output tokens) when given. `chat_template`: in-process models get their prompts through their
     chat template, as `openai-chat:` endpoints do. `compile` ("auto" | "on" | "off"): densa/model/compile.py's switch
-    for in-process densa models' decoding steps (generation tasks and the latency probe).
+    for in-process densa models' decoding steps in generation tasks (the latency probe stays eager, so metered
+    prices do not depend on it).
     """
     from densa.cost import usd_per_hour as price_per_hour
 

@@ -260,7 +260,8 @@ class DensaForCausalLM(DensaPreTrainedModel, GenerationMixin):
             use_cache = False  # a cache is mutated in place: it cannot be recomputed
         if use_cache and cache is None:
             cache = self.model.new_cache()
-        logits = self._compiled_step(input_ids, attention_mask, cache, inputs_embeds, labels, output_hidden_states)
+        logits = self._compiled_step(input_ids, attention_mask, cache if use_cache else None, inputs_embeds, labels,
+                                     output_hidden_states)
         if logits is not None:
             result = DensaCausalLMOutput(logits=logits, cache=cache)
             return result if return_dict is not False else result.to_tuple()
