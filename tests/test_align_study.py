@@ -4,6 +4,7 @@ problems with their invented-number audit."""
 
 import argparse
 import json
+import shutil
 
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -21,7 +22,8 @@ from densa.align.problems import (
     unanswerable,
     validation_split,
 )
-from densa.study.token_value import Scorer, Splits, load_study, run, select
+from densa.config import ConfigError
+from densa.study.token_value import Scorer, Splits, load_study, read_tuning_record, run, select
 
 
 def test_unanswerable_problems_miss_or_contradict_a_needed_quantity():
@@ -144,3 +146,43 @@ def test_study_end_to_end_on_a_hugging_face_llama_folder(tmp_path):
     assert again["trials_smollm2"] == trials
     for key in ("token_reduction", "accuracy_delta", "sft_accuracy", "rl_tv_invented_rate", "selected"):
         assert again[f"{key}_smollm2"] == r[f"{key}_smollm2"], key
+
+    # scores and trial log copied to another machine (no model folders) + the record of the tuning phase: the study
+    # neither trains nor decodes again and reports the same test figures (the SmolLM2 arm across sessions)
+    record = {"tuning_seed": 100, "failed": ["broken"], "validation": r["validation_smollm2"],
+              "candidates": json.loads((tmp_path / "study.yaml").read_text())["study"]["candidates"]}
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    moved = tmp_path / "copied"
+    moved.mkdir()
+    shutil.copytree(tmp_path / "out" / "scores", moved / "scores")
+    shutil.copy(tmp_path / "out" / "trials.jsonl", moved / "trials.jsonl")
+    args.overrides.append(f"study.tuning_record={tmp_path / 'record.json'}")
+    copied = run(args, moved)
+    assert not list(moved.rglob("model.safetensors"))
+    assert copied["tuning_record_smollm2"] == str(tmp_path / "record.json")
+    for key in ("token_reduction", "accuracy_delta", "sft_accuracy", "rl_tv_invented_rate", "selected",
+                "selection_reason", "validation"):
+        assert copied[f"{key}_smollm2"] == r[f"{key}_smollm2"], key
+    assert "read from" in (moved / "token-value.md").read_text()
+
+
+def test_a_tuning_record_must_match_the_study_it_stands_for(tmp_path):
+    cfg = load_study(None, None, ["study.tuning_record=" + str(tmp_path / "none.json")])
+    with pytest.raises(ConfigError, match="no such file"):
+        read_tuning_record(cfg)
+    m = {"accuracy": 0.8, "mean_tokens": 20.0, "invented_rate": 0.5}
+    record = {"tuning_seed": cfg.tuning_seed, "candidates": cfg.candidates, "failed": ["dler"],
+              "validation": {name: m for name in ("sft", *cfg.candidates) if name != "dler"}}
+    cfg.tuning_record = str(tmp_path / "record.json")
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    assert "dler" not in read_tuning_record(cfg) and "gated" in read_tuning_record(cfg)
+    for change in ({"tuning_seed": 7}, {"candidates": {"gated": ["reward.weight=0.9"]}}):
+        (tmp_path / "record.json").write_text(json.dumps({**record, **change}))
+        with pytest.raises(ConfigError, match="another config"):
+            read_tuning_record(cfg)
+    (tmp_path / "record.json").write_text(json.dumps({**record, "failed": []}))
+    with pytest.raises(ConfigError, match=r"no validation figures for \['dler'\]"):
+        read_tuning_record(cfg)
+    with pytest.raises(ConfigError, match="unknown study key"):
+        load_study(None, None, ["study.no_such_key=1"])
+    assert load_study(None, None, ["study.validation=7"]).validation == 7

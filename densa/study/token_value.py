@@ -18,7 +18,10 @@ Every arm — tuning candidates with their validation figures, failed runs with 
 `trials` lists what was run in the order it was run. Nothing is lost on a crash: a rerun with the same `--out`
 reuses every finished run (its `model/` folder and its `ok` line in trials.jsonl), keeps every failed one failed (it
 is not retried) and reads every scoring back from `scores/` instead of decoding again, so a resumed study scores each
-arm on the test split once, like an uninterrupted one. Reported per arm: accuracy, output tokens (all; correct only),
+arm on the test split once, like an uninterrupted one. `scores/` (with a copy of each tokenizer) and trials.jsonl are
+all a rerun needs of a finished seed, so a study can move between machines without its model folders; a finished
+tuning phase can be carried as a record of its validation figures (`study.tuning_record`, `read_tuning_record`).
+Reported per arm: accuracy, output tokens (all; correct only),
 Token Value (correct answers per 1,000 output tokens), accuracy against a token budget, OOD accuracy, the
 short-but-wrong rate (output no longer than the concise reference solution, and wrong), and on unanswerable
 problems the invented-number rate (a numeric final answer where the honest one is `#### unknown`).
@@ -33,6 +36,7 @@ invented-number rate ≤ SFT's (each also reported on its own).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from densa.align.config import load_recipe
 from densa.align.evaluate import Output, audit_unanswerable, budget_curve, generate_greedy
@@ -85,6 +90,7 @@ class StudyConfig:
     bootstrap: int = 2000
     key_suffix: str = ""  # appended to every output key, e.g. "_smollm2"
     merge_into: str = ""  # also add the (suffixed) keys to this JSON file, e.g. docs/results/token-value.json
+    tuning_record: str = ""  # JSON of an earlier tuning phase of this config: phase 1 is read from it, not re-run
     sft: list[str] = field(default_factory=list)  # extra `section.key=value` overrides of the SFT recipe
     align: list[str] = field(default_factory=list)  # ... and of the align recipe (every RL run)
     quick: list[str] = field(default_factory=lambda: [
@@ -94,14 +100,17 @@ class StudyConfig:
                                                                  "unanswerable": 8})
 
 
-def load_study(path: str | None, seeds: int | None) -> StudyConfig:
-    cfg = StudyConfig()
-    if path:
-        section = read_recipe(path).get("study") or {}
-        unknown = sorted(set(section) - set(vars(cfg)))
-        if unknown:
-            raise ConfigError(f"{path}: unknown study key(s) {unknown}; valid: {', '.join(vars(cfg))}")
-        cfg = StudyConfig(**section)
+def load_study(path: str | None, seeds: int | None, overrides: list[str] = ()) -> StudyConfig:
+    """The `study:` section of the recipe at `path` (defaults without one), then `study.key=value` overrides (the
+    value parsed as YAML)."""
+    section = dict(read_recipe(path).get("study") or {}) if path else {}
+    for pair in overrides:
+        key, _, raw = pair.partition("=")
+        section[key.strip().removeprefix("study.")] = yaml.safe_load(raw)
+    unknown = sorted(set(section) - set(vars(StudyConfig())))
+    if unknown:
+        raise ConfigError(f"{path or '--set'}: unknown study key(s) {unknown}; valid: {', '.join(vars(StudyConfig()))}")
+    cfg = StudyConfig(**section)
     if seeds is not None:
         cfg.seeds = seeds
     if cfg.seeds < 1:
@@ -147,11 +156,12 @@ class Scorer:
         self.scored.append((arm, split))
         parts = ("validation", "validation_unanswerable") if split == "validation" else (
             "test", "test_unanswerable", "ood", "ood_unanswerable")
-        saved = self.cache / f"{arm.replace('/', '-')}-{split}.json" if self.cache else None
+        saved = self._saved(arm, split)
         if saved is not None and saved.is_file():  # scored before a crash: read back, not decoded again
-            tok = load_tokenizer(path)  # the run's own (save_policy wrote it beside the weights); no model load
-            chat_tokenizer(tok)
             stored = json.loads(saved.read_text())
+            # the run's own tokenizer (save_policy wrote it beside the weights), else the copy kept with the scores
+            tok = load_tokenizer(path if path.is_dir() else saved.parent / stored["tokenizer"])
+            chat_tokenizer(tok)
             return {"tok": tok, **{k: [Output(**o) for o in v] if k in parts else v for k, v in stored.items()}}
         model, tok = load_policy(load_recipe(None, [f"policy.path={path}"]).policy)
         run: dict[str, Any] = {"tok": tok}
@@ -164,18 +174,57 @@ class Scorer:
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
             stored = {k: [asdict(o) for o in v] if k in parts else v for k, v in run.items() if k != "tok"}
+            stored["tokenizer"] = _keep_tokenizer(tok, saved.parent)
             saved.write_text(json.dumps(stored) + "\n")
         return run
 
+    def cached(self, arm: str, split: str) -> bool:
+        """Whether `arm` was scored on `split` before (its scoring is in `cache/`)."""
+        saved = self._saved(arm, split)
+        return saved is not None and saved.is_file()
+
+    def _saved(self, arm: str, split: str) -> Path | None:
+        return self.cache / f"{arm.replace('/', '-')}-{split}.json" if self.cache else None
+
+
+def _keep_tokenizer(tok: Any, folder: Path) -> str:
+    """Keep a copy of `tok` beside the scores (one folder per distinct tokenizer), so that scores copied to another
+    machine are read without the model folders; returns the folder's name."""
+    text = tok.backend_tokenizer.to_str()
+    name = f"tokenizer-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if not (folder / name / "tokenizer.json").is_file():
+        tok.save_pretrained(str(folder / name))
+    return name
+
+
+def read_tuning_record(cfg: StudyConfig) -> dict[str, Any]:
+    """Validation figures of an earlier tuning phase of the same study (`study.tuning_record`), checked against the
+    config: same tuning seed, same candidates with the same overrides. The selection rule is then applied to them
+    as it would be to a fresh tuning phase."""
+    path = Path(cfg.tuning_record)
+    if not path.is_file():
+        raise ConfigError(f"study.tuning_record={cfg.tuning_record}: no such file")
+    record = json.loads(path.read_text())
+    if record.get("tuning_seed") != cfg.tuning_seed or record.get("candidates") != cfg.candidates:
+        raise ConfigError(f"{path}: records the tuning of another config (tuning_seed or candidates differ)")
+    validation = dict(record["validation"])
+    missing = [n for n in ("sft", *cfg.candidates) if n not in validation and n not in record.get("failed", [])]
+    if missing:
+        raise ConfigError(f"{path}: no validation figures for {missing}")
+    if record.get("sft_forced_concise"):
+        validation["sft_forced_concise"] = record["sft_forced_concise"]
+    return validation
+
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    cfg = load_study(args.config, args.seeds)
+    cfg = load_study(args.config, args.seeds, [o for o in args.overrides if o.startswith("study.")])
     progress = not args.no_progress
-    extra = (cfg.quick if args.quick else []) + list(args.overrides)
-    ignored = [pair for pair in args.overrides if not pair.startswith(ROUTED)]
+    recipe_over = [o for o in args.overrides if not o.startswith("study.")]
+    extra = (cfg.quick if args.quick else []) + recipe_over
+    ignored = [pair for pair in recipe_over if not pair.startswith(ROUTED)]
     if ignored:  # an override no arm reads would be silently dropped
         raise ConfigError(f"--set {ignored[0]!r}: token-value passes only sft.*, task.*, policy.* (SFT) and "
-                          "grpo.*, reward.*, task.* (every RL run) to the recipes; study fields go in --config")
+                          "grpo.*, reward.*, task.* (every RL run) to the recipes, and study.* to the study")
     sizes = {"validation": cfg.validation, "heldout": cfg.heldout, "ood": cfg.ood, "unanswerable": cfg.unanswerable}
     if args.quick:
         sizes = {k: min(v, cfg.quick_sizes.get(k, v)) for k, v in sizes.items()}
@@ -192,27 +241,37 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     scorer = Scorer(splits, base.task.max_new_tokens, progress, out / "scores")
     trials = Trials(out / "trials.jsonl")
 
-    # phase 1: tuning, scored on validation only
-    tuning_dir = out / "tuning"
-    sft_path = trials.sft(cfg.sft_recipe, sft_over, cfg.tuning_seed, tuning_dir / "sft", progress)
-    validation = {"sft": _arm_metrics([scorer.score("tuning/sft", sft_path, "validation")], "validation", [])}
-    validation["sft_forced_concise"] = _forced_concise(sft_path, splits.validation, base.task.max_new_tokens)
-    for name, overrides in cfg.candidates.items():
-        path = trials.rl(f"tuning/{name}", cfg.align_recipe, rl_over + overrides, sft_path, cfg.tuning_seed,
-                         tuning_dir / name, progress)
-        if path is not None:
-            validation[name] = _arm_metrics([scorer.score(f"tuning/{name}", path, "validation")], "validation", [])
-            trials.scored(f"tuning/{name}", "validation")
+    # phase 1: tuning, scored on validation only (or read from the record of an earlier tuning phase)
+    if cfg.tuning_record:
+        validation = read_tuning_record(cfg)
+    else:
+        tuning_dir = out / "tuning"
+        sft_path = trials.sft(cfg.sft_recipe, sft_over, cfg.tuning_seed, tuning_dir / "sft", progress)
+        validation = {"sft": _arm_metrics([scorer.score("tuning/sft", sft_path, "validation")], "validation", [])}
+        validation["sft_forced_concise"] = _forced_concise(sft_path, splits.validation, base.task.max_new_tokens)
+        for name, overrides in cfg.candidates.items():
+            path = trials.rl(f"tuning/{name}", cfg.align_recipe, rl_over + overrides, sft_path, cfg.tuning_seed,
+                             tuning_dir / name, progress)
+            if path is not None:
+                validation[name] = _arm_metrics([scorer.score(f"tuning/{name}", path, "validation")], "validation",
+                                                [])
+                trials.scored(f"tuning/{name}", "validation")
     selected, reason = select(validation, list(cfg.candidates))
 
     # phase 2: confirmation, each arm scored once on test
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     for seed in range(cfg.seeds if selected else 0):
-        sft_path = trials.sft(cfg.sft_recipe, sft_over, seed, out / f"seed{seed}" / "sft", progress)
+        # a seed whose three scorings are all in scores/ (copied from another machine, say) needs no model folder
+        rl_arms = [f"seed{seed}/{arm}" for arm in ("rl_correct", "rl_tv")]
+        scored_before = scorer.cached(f"seed{seed}/sft", "test") and all(
+            scorer.cached(a, "test") or trials.failed(a) for a in rl_arms)
+        sft_path = trials.sft(cfg.sft_recipe, sft_over, seed, out / f"seed{seed}" / "sft", progress,
+                              scored=scored_before)
         scored = {"sft": scorer.score(f"seed{seed}/sft", sft_path, "test")}
         for arm, length in (("rl_correct", ["reward.length=none"]), ("rl_tv", [])):
             path = trials.rl(f"seed{seed}/{arm}", cfg.align_recipe, rl_over + cfg.candidates[selected] + length,
-                             sft_path, seed, out / f"seed{seed}" / arm, progress)
+                             sft_path, seed, out / f"seed{seed}" / arm, progress,
+                             scored=scorer.cached(f"seed{seed}/{arm}", "test"))
             if path is not None:
                 scored[arm] = scorer.score(f"seed{seed}/{arm}", path, "test")
                 trials.scored(f"seed{seed}/{arm}", "test")
@@ -234,14 +293,19 @@ class Trials:
         self.path = path
         self.records: list[dict[str, Any]] = read_jsonl(path) if path.is_file() else []
 
-    def _finished(self, arm: str, model: Path) -> dict[str, Any] | None:
-        """The logged run of `arm`, if it failed or if it finished and its model folder is there."""
-        done = [r for r in self.records if r["arm"] == arm and (r["status"] == "failed" or model.is_dir())]
+    def _finished(self, arm: str, model: Path, scored: bool = False) -> dict[str, Any] | None:
+        """The logged run of `arm`, if it failed, or if it finished and its model folder is there or no longer
+        needed (`scored`: every scoring that needs the model is kept)."""
+        done = [r for r in self.records if r["arm"] == arm and (r["status"] == "failed" or model.is_dir() or scored)]
         return done[-1] if done else None
 
-    def sft(self, recipe: str, overrides: list[str], seed: int, out: Path, progress: bool) -> Path:
+    def failed(self, arm: str) -> bool:
+        return any(r["arm"] == arm and r["status"] == "failed" for r in self.records)
+
+    def sft(self, recipe: str, overrides: list[str], seed: int, out: Path, progress: bool,
+            scored: bool = False) -> Path:
         arm = str(out.relative_to(out.parents[1]))
-        if self._finished(arm, out / "model") is None:
+        if self._finished(arm, out / "model", scored) is None:
             start = time.perf_counter()
             run_sft(load_recipe(recipe, overrides + [f"sft.seed={seed}"], method="sft"), out, progress=progress,
                     evaluate=False)  # an SFT failure ends the study: every arm depends on it
@@ -249,9 +313,9 @@ class Trials:
         return out / "model"
 
     def rl(self, arm: str, recipe: str, overrides: list[str], sft: Path, seed: int, out: Path,
-           progress: bool) -> Path | None:
+           progress: bool, scored: bool = False) -> Path | None:
         """Run one GRPO arm; a failure is recorded (with its error) and returns None instead of stopping the study."""
-        done = self._finished(arm, out / "model")
+        done = self._finished(arm, out / "model", scored)
         if done is not None:
             return out / "model" if done["status"] == "ok" else None
         start = time.perf_counter()
@@ -424,11 +488,13 @@ def _report(cfg: StudyConfig, runs: dict[str, list[dict[str, Any]]], out: Path, 
             for key in ("accuracy", "mean_tokens", "mean_tokens_correct", "token_value_per_1k", "short_wrong_rate",
                         "ood_accuracy", "ood_short_wrong_rate", "invented_rate", "ood_invented_rate", "honest_rate"):
                 result[f"{arm}_{key}"] = m[key]
+    forced = validation.get("sft_forced_concise") or {}  # not in a tuning record whose run did not keep it
     result |= {
         "selected": selected, "selection_reason": reason, "seeds": len(runs["sft"]), "seeds_planned": cfg.seeds,
         "tuning_seed": cfg.tuning_seed, "separate_sft_per_seed": True,
-        "sft_forced_concise_accuracy_validation": validation["sft_forced_concise"]["accuracy"],
-        "sft_forced_concise_mean_tokens_validation": validation["sft_forced_concise"]["mean_tokens"],
+        "tuning_record": cfg.tuning_record or None,
+        "sft_forced_concise_accuracy_validation": forced.get("accuracy"),
+        "sft_forced_concise_mean_tokens_validation": forced.get("mean_tokens"),
         "validation": {k: _headline(v) for k, v in validation.items() if k != "sft_forced_concise"},
         "candidates": {name: {"overrides": o, "status": "ok" if name in validation else "failed"}
                        for name, o in cfg.candidates.items()},
@@ -451,7 +517,7 @@ def _report(cfg: StudyConfig, runs: dict[str, list[dict[str, Any]]], out: Path, 
 
 
 def _headline(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: m[k] for k in ("accuracy", "mean_tokens", "short_wrong_rate", "invented_rate", "honest_rate")}
+    return {k: m.get(k) for k in ("accuracy", "mean_tokens", "short_wrong_rate", "invented_rate", "honest_rate")}
 
 
 def _finite(value: Any) -> Any:
@@ -479,6 +545,8 @@ def _markdown(arms: dict[str, Any], validation: dict[str, Any], r: dict[str, Any
     text = ("# token-value study\n\n## Tuning (validation split only)\n\n"
             "| candidate | accuracy % | tokens | invented % (unanswerable) |\n|---|---|---|---|\n" + tuning +
             f"\n\nSelected: **{g('selected')}** — {g('selection_reason')}.\n")
+    if g("tuning_record"):
+        text += f"\nThe tuning figures are read from `{g('tuning_record')}` (an earlier run of this phase).\n"
     if failed:
         text += "\nFailed runs: " + "; ".join(f"{t['arm']} ({t['error']})" for t in failed) + "\n"
     if not arms:
