@@ -160,6 +160,8 @@ class Scorer:
         if saved is not None and saved.is_file():  # scored before a crash: read back, not decoded again
             stored = json.loads(saved.read_text())
             # the run's own tokenizer (save_policy wrote it beside the weights), else the copy kept with the scores
+            if not path.is_dir() and "tokenizer" not in stored:
+                raise FileNotFoundError(f"{saved}: its model folder {path} is gone and it keeps no tokenizer copy")
             tok = load_tokenizer(path if path.is_dir() else saved.parent / stored["tokenizer"])
             chat_tokenizer(tok)
             return {"tok": tok, **{k: [Output(**o) for o in v] if k in parts else v for k, v in stored.items()}}
