@@ -21,10 +21,10 @@ is not retried) and reads every scoring back from `scores/` instead of decoding 
 arm on the test split once, like an uninterrupted one. `scores/` (with a copy of each tokenizer) and trials.jsonl are
 all a rerun needs of a finished seed, so a study can move between machines without its model folders; a finished
 tuning phase can be carried as a record of its validation figures (`study.tuning_record`, `read_tuning_record`).
-Reported per arm: accuracy, output tokens (all; correct only),
-Token Value (correct answers per 1,000 output tokens), accuracy against a token budget, OOD accuracy, the
-short-but-wrong rate (output no longer than the concise reference solution, and wrong), and on unanswerable
-problems the invented-number rate (a numeric final answer where the honest one is `#### unknown`).
+Reported per arm: accuracy, output tokens (all; correct only), Token Value (correct answers per 1,000 output
+tokens), accuracy against a token budget, OOD accuracy, the short-but-wrong rate (output no longer than the concise
+reference solution, and wrong), and on unanswerable problems the invented-number rate (a numeric final answer where
+the honest one is `#### unknown`).
 
 Headline keys (suffixed with `key_suffix`, e.g. `_smollm2`): `token_reduction` = 1 − tokens(RL-TV)/tokens(SFT) and
 `accuracy_delta` = accuracy(RL-TV) − accuracy(SFT) in points on the test split, pooled over seeds, with a 95%
