@@ -109,7 +109,8 @@ def load_study(path: str | None, seeds: int | None, overrides: list[str] = ()) -
         section[key.strip().removeprefix("study.")] = yaml.safe_load(raw)
     unknown = sorted(set(section) - set(vars(StudyConfig())))
     if unknown:
-        raise ConfigError(f"{path or '--set'}: unknown study key(s) {unknown}; valid: {', '.join(vars(StudyConfig()))}")
+        raise ConfigError(f"unknown study key(s) {unknown} (in {path or 'no recipe'} or --set study.*); valid: "
+                          f"{', '.join(vars(StudyConfig()))}")
     cfg = StudyConfig(**section)
     if seeds is not None:
         cfg.seeds = seeds
